@@ -1,0 +1,26 @@
+"""Built-in task distributions (``metanas.tasks``) and the :class:`TaskSampler` contract.
+
+Public API:
+
+* :class:`Task`: one few-shot episode (support / query tensors, labels, global class ids).
+* :class:`TaskSampler`: the protocol every sampler follows (``n_way``, ``k_shot``,
+  ``q_query``, ``input_shape``, ``sample(split, rng) -> Task``); :func:`check_sampler`
+  validates an object against it.
+* :data:`Split` / :data:`SPLITS`: ``"train"``, ``"val"``, ``"test"``.
+* :func:`sample_task`: generic vectorised N-way K-shot Q-query composition over an array of
+  per-class examples, for custom samplers.
+* :class:`OmniglotTasks`: Omniglot from the embedded, offline ``omniglot.npz``.
+"""
+
+from .base import SPLITS, Split, Task, TaskSampler, check_sampler, sample_task
+from .omniglot import OmniglotTasks
+
+__all__ = [
+    "SPLITS",
+    "OmniglotTasks",
+    "Split",
+    "Task",
+    "TaskSampler",
+    "check_sampler",
+    "sample_task",
+]
