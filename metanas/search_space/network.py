@@ -1,0 +1,363 @@
+"""DARTS supernet: configuration, alpha shapes, mixed op, search cell and search network.
+
+The network holds only weights; the architecture parameters (``alphas``) are passed into
+:meth:`SearchNetwork.forward` as a dict of tensors (as in pt.darts), so that task learners can
+adapt weights and alphas functionally with ``torch.func.functional_call`` / ``vmap``.
+
+Macro structure (DARTS, Liu et al. 2019): stem (conv3x3 + norm) -> ``n_cells`` cells -> global
+average pool -> linear classifier. Cell ``k`` is a reduction cell (channels doubled, stride 2 on
+the edges leaving its two inputs) if ``k`` is in ``cfg.resolved_reduction_cells()``. Each cell
+preprocesses its two inputs (ReLU-conv1x1-norm, or :class:`FactorizedReduce` for ``s0`` after a
+reduction cell), computes ``n_nodes`` intermediate nodes, node ``i`` summing one edge from each of
+the ``2 + i`` earlier states, and outputs the channel concat of its intermediate nodes.
+
+Edges are numbered node by node: node ``i``'s edge from state ``j`` (0, 1 = cell inputs,
+``2 + m`` = node ``m``) has index ``node_offsets(n_nodes)[i] + j``. Parameter names are
+``stem.0.weight``, ``cells.{k}.preproc{0,1}.*``, ``cells.{k}.edges.{e}.ops.{o}.*`` (``o`` = index
+in ``cfg.ops``) and ``classifier.{weight,bias}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from metanas.errors import ConfigError
+from metanas.search_space.normalizer import (
+    node_offsets,
+    normalize_alphas,
+    normalize_edge_alphas,
+)
+from metanas.search_space.ops import (
+    OP_PRESETS,
+    FactorizedReduce,
+    ReLUConvBN,
+    build_op,
+    norm,
+    resolve_ops,
+)
+
+__all__ = [
+    "CellSpec",
+    "SearchNetwork",
+    "SearchSpaceConfig",
+    "alpha_shapes",
+    "cell_layout",
+    "check_alphas",
+    "init_alphas",
+]
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"search_space.{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SearchSpaceConfig:
+    """Hyper-parameters of the supernet.
+
+    Attributes:
+        in_channels: image channels of the input.
+        n_classes: logits produced (``n_way`` for few-shot tasks).
+        channels: initial cell channel count ``C`` (doubled at each reduction cell).
+        n_cells: number of cells.
+        n_nodes: intermediate nodes per cell (the cell output concatenates all of them).
+        stem_multiplier: the stem outputs ``stem_multiplier * channels`` channels.
+        reduction_cells: indices of reduction cells; ``None`` -> DARTS rule
+            ``{n_cells // 3, 2 * n_cells // 3}``; ``()`` -> no reduction cell.
+        ops: candidate op names, or a preset name (normalised to the tuple of names).
+        pairwise_input_alphas: add per-edge logits softmaxed over each node's inputs (PC-DARTS).
+        prune_threshold: soft-pruning threshold of :func:`normalize_alphas`, in ``[0, 1)``.
+    """
+
+    in_channels: int = 1
+    n_classes: int = 5
+    channels: int = 16
+    n_cells: int = 3
+    n_nodes: int = 3
+    stem_multiplier: int = 3
+    reduction_cells: tuple[int, ...] | None = None
+    ops: tuple[str, ...] = OP_PRESETS["fewshot"]
+    pairwise_input_alphas: bool = False
+    prune_threshold: float = 0.0
+
+    def __post_init__(self) -> None:
+        sizes = ("in_channels", "n_classes", "channels", "n_cells", "n_nodes", "stem_multiplier")
+        for name in sizes:
+            _positive_int(name, getattr(self, name))
+        object.__setattr__(self, "ops", resolve_ops(self.ops))
+        if self.reduction_cells is not None:
+            try:
+                red = tuple(self.reduction_cells)
+            except TypeError:
+                raise ConfigError(
+                    f"search_space.reduction_cells must be a list of cell indices or null, "
+                    f"got {self.reduction_cells!r}"
+                ) from None
+            bad = [r for r in red if isinstance(r, bool) or not isinstance(r, int)
+                   or not 0 <= r < self.n_cells]
+            if bad or len(set(red)) != len(red):
+                raise ConfigError(
+                    f"search_space.reduction_cells={list(red)} must hold distinct indices in "
+                    f"[0, {self.n_cells}) (n_cells={self.n_cells}); fix the indices or use null "
+                    "for the DARTS default"
+                )
+            object.__setattr__(self, "reduction_cells", tuple(sorted(red)))
+        if not isinstance(self.pairwise_input_alphas, bool):
+            raise ConfigError(
+                f"search_space.pairwise_input_alphas must be true or false, "
+                f"got {self.pairwise_input_alphas!r}"
+            )
+        thr = self.prune_threshold
+        if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not 0.0 <= thr < 1.0:
+            raise ConfigError(
+                f"search_space.prune_threshold must be in [0, 1), got {self.prune_threshold!r}"
+            )
+        object.__setattr__(self, "prune_threshold", float(self.prune_threshold))
+
+    @property
+    def n_edges(self) -> int:
+        """Edges per cell: ``sum_i (2 + i)`` over the intermediate nodes."""
+        return sum(2 + i for i in range(self.n_nodes))
+
+    @property
+    def n_ops(self) -> int:
+        """Number of candidate ops per edge."""
+        return len(self.ops)
+
+    def resolved_reduction_cells(self) -> tuple[int, ...]:
+        """Sorted indices of the reduction cells (DARTS rule when ``reduction_cells`` is None)."""
+        if self.reduction_cells is None:
+            return tuple(sorted({self.n_cells // 3, 2 * self.n_cells // 3}))
+        return self.reduction_cells
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict (lists instead of tuples)."""
+        d = dataclasses.asdict(self)
+        d["ops"] = list(self.ops)
+        d["reduction_cells"] = None if self.reduction_cells is None else list(self.reduction_cells)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SearchSpaceConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise :class:`ConfigError`."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown search-space key(s) {unknown}; valid keys are {sorted(known)}"
+            )
+        return cls(**dict(d))
+
+
+def alpha_shapes(cfg: SearchSpaceConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of the alpha tensors :class:`SearchNetwork` expects.
+
+    ``normal``/``reduce``: ``(n_edges, n_ops)``; with ``pairwise_input_alphas`` also
+    ``normal_edges``/``reduce_edges``: ``(n_edges,)``. The ``reduce*`` keys exist only when the
+    network has a reduction cell.
+    """
+    kinds = ["normal"] + (["reduce"] if cfg.resolved_reduction_cells() else [])
+    shapes = {k: (cfg.n_edges, cfg.n_ops) for k in kinds}
+    if cfg.pairwise_input_alphas:
+        shapes.update({f"{k}_edges": (cfg.n_edges,) for k in kinds})
+    return shapes
+
+
+def init_alphas(
+    cfg: SearchSpaceConfig, generator: torch.Generator | None = None, scale: float = 1e-3
+) -> dict[str, Tensor]:
+    """``scale * randn`` alphas of :func:`alpha_shapes` (plain float32 tensors, no grad)."""
+    return {
+        k: torch.randn(shape, generator=generator) * scale for k, shape in alpha_shapes(cfg).items()
+    }
+
+
+def check_alphas(cfg: SearchSpaceConfig, alphas: Mapping[str, Tensor]) -> None:
+    """Raise :class:`ConfigError` unless ``alphas`` has exactly the keys/shapes of the config."""
+    expected = alpha_shapes(cfg)
+    extra = sorted(set(alphas) - set(expected))
+    if extra:
+        raise ConfigError(
+            f"unexpected alpha key(s) {extra}; this search space expects {sorted(expected)} "
+            "(build alphas with init_alphas(cfg))"
+        )
+    for key, shape in expected.items():
+        if key not in alphas:
+            raise ConfigError(
+                f"alphas is missing key {key!r} (expected shape {shape}); "
+                "build alphas with init_alphas(cfg)"
+            )
+        a = alphas[key]
+        got = tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__
+        if got != shape:
+            raise ConfigError(
+                f"alphas[{key!r}] has shape {got}, expected {shape}; "
+                "the alphas do not match the search-space config"
+            )
+
+
+class CellSpec(NamedTuple):
+    """Channel layout of one cell: inputs ``C_pp`` (s0), ``C_p`` (s1), node channels ``C``."""
+
+    reduction: bool
+    reduction_prev: bool
+    C_pp: int
+    C_p: int
+    C: int
+
+
+def cell_layout(
+    cfg: SearchSpaceConfig, multipliers: Mapping[str, int] | None = None
+) -> tuple[list[CellSpec], int]:
+    """Per-cell channel layout and the classifier's input width.
+
+    Args:
+        cfg: the search-space config.
+        multipliers: nodes concatenated at the output of ``normal``/``reduce`` cells
+            (default ``n_nodes`` for both).
+    """
+    mult = {"normal": cfg.n_nodes, "reduce": cfg.n_nodes, **(multipliers or {})}
+    reductions = set(cfg.resolved_reduction_cells())
+    C_stem = cfg.stem_multiplier * cfg.channels
+    C_pp, C_p, C = C_stem, C_stem, cfg.channels
+    specs, prev = [], False
+    for k in range(cfg.n_cells):
+        red = k in reductions
+        C = 2 * C if red else C
+        specs.append(CellSpec(red, prev, C_pp, C_p, C))
+        C_pp, C_p, prev = C_p, mult["reduce" if red else "normal"] * C, red
+    return specs, C_p
+
+
+def make_stem(cfg: SearchSpaceConfig) -> nn.Sequential:
+    """conv3x3 (``in_channels -> stem_multiplier * channels``) + norm."""
+    C_stem = cfg.stem_multiplier * cfg.channels
+    return nn.Sequential(nn.Conv2d(cfg.in_channels, C_stem, 3, padding=1, bias=False), norm(C_stem))
+
+
+def check_input(cfg: SearchSpaceConfig, x: Tensor) -> None:
+    """Raise :class:`ConfigError` unless ``x`` is ``(B, in_channels, H, W)``."""
+    if x.dim() != 4 or x.shape[1] != cfg.in_channels:
+        raise ConfigError(
+            f"input has shape {tuple(x.shape)}, expected (B, {cfg.in_channels}, H, W); "
+            "set search_space.in_channels to the images' channel count"
+        )
+
+
+class CellBase(nn.Module):
+    """Input preprocessing shared by search and discrete cells: ``preproc0``, ``preproc1``."""
+
+    def __init__(self, spec: CellSpec) -> None:
+        super().__init__()
+        self.reduction = spec.reduction
+        self.preproc0 = (
+            FactorizedReduce(spec.C_pp, spec.C)
+            if spec.reduction_prev
+            else ReLUConvBN(spec.C_pp, spec.C, 1, 1, 0)
+        )
+        self.preproc1 = ReLUConvBN(spec.C_p, spec.C, 1, 1, 0)
+
+    def edge_stride(self, input_idx: int) -> int:
+        """Stride of an edge leaving state ``input_idx`` (2 from the inputs of a reduction cell)."""
+        return 2 if self.reduction and input_idx < 2 else 1
+
+
+class MixedOp(nn.Module):
+    """Weighted sum of all candidate ops on one edge; ops in ``ops.{o}``."""
+
+    def __init__(self, C: int, stride: int, ops: Sequence[str]) -> None:
+        super().__init__()
+        self.ops = nn.ModuleList(build_op(name, C, stride) for name in ops)
+
+    def forward(self, x: Tensor, w: Tensor) -> Tensor:
+        """``x``: ``(B, C, H, W)``; ``w``: ``(n_ops,)`` -> ``(B, C, H', W')``."""
+        out = w[0] * self.ops[0](x)
+        for o in range(1, len(self.ops)):
+            out = out + w[o] * self.ops[o](x)
+        return out
+
+
+class SearchCell(CellBase):
+    """DARTS search cell: a :class:`MixedOp` on every edge, edges in ``edges.{e}``."""
+
+    def __init__(self, spec: CellSpec, n_nodes: int, ops: Sequence[str]) -> None:
+        super().__init__(spec)
+        self.n_nodes = n_nodes
+        self.edges = nn.ModuleList(
+            MixedOp(spec.C, self.edge_stride(j), ops) for i in range(n_nodes) for j in range(2 + i)
+        )
+
+    def forward(self, s0: Tensor, s1: Tensor, w: Tensor, beta: Tensor | None) -> Tensor:
+        """Args: cell inputs ``s0``, ``s1``; op weights ``w`` ``(n_edges, n_ops)``; normalised
+        edge weights ``beta`` ``(n_edges,)`` or None. Returns ``(B, n_nodes * C, H', W')``."""
+        states = [self.preproc0(s0), self.preproc1(s1)]
+        for off in node_offsets(self.n_nodes):
+            node = None
+            for j, h in enumerate(states):
+                e = off + j
+                term = self.edges[e](h, w[e])
+                term = term if beta is None else beta[e] * term
+                node = term if node is None else node + term
+            states.append(node)
+        return torch.cat(states[2:], dim=1)
+
+
+class SearchNetwork(nn.Module):
+    """The supernet. Holds weights only (no buffers, no alphas).
+
+    Attributes:
+        cfg: the :class:`SearchSpaceConfig` it was built from.
+        stem, cells, classifier: submodules (see the module docstring for parameter names).
+    """
+
+    def __init__(self, cfg: SearchSpaceConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        specs, C_out = cell_layout(cfg)
+        self.stem = make_stem(cfg)
+        self.cells = nn.ModuleList(SearchCell(s, cfg.n_nodes, cfg.ops) for s in specs)
+        self.classifier = nn.Linear(C_out, cfg.n_classes)
+
+    def forward(
+        self, x: Tensor, alphas: Mapping[str, Tensor], temperature: float | Tensor = 1.0
+    ) -> Tensor:
+        """Logits of the supernet.
+
+        Args:
+            x: images, ``(B, in_channels, H, W)``.
+            alphas: architecture logits with the keys and shapes of :func:`alpha_shapes`.
+            temperature: softmax temperature of the op weights.
+
+        Returns:
+            Logits, ``(B, n_classes)``.
+
+        Raises:
+            ConfigError: wrong input channels, missing/extra alpha key or wrong alpha shape.
+        """
+        cfg = self.cfg
+        check_input(cfg, x)
+        check_alphas(cfg, alphas)
+        kinds = ["normal", "reduce"] if "reduce" in alphas else ["normal"]
+        weights = {k: normalize_alphas(alphas[k], temperature, cfg.prune_threshold) for k in kinds}
+        betas: dict[str, Tensor | None] = {
+            k: normalize_edge_alphas(alphas[f"{k}_edges"], cfg.n_nodes)
+            if cfg.pairwise_input_alphas
+            else None
+            for k in kinds
+        }
+        s0 = s1 = self.stem(x)
+        for cell in self.cells:
+            kind = "reduce" if cell.reduction else "normal"
+            s0, s1 = s1, cell(s0, s1, weights[kind], betas[kind])
+        return self.classifier(s1.mean(dim=(2, 3)))
+
+    def edge_index(self, node: int, input_idx: int) -> int:
+        """Index of the edge into intermediate node ``node`` from state ``input_idx``."""
+        return node_offsets(self.cfg.n_nodes)[node] + input_idx
