@@ -1,0 +1,165 @@
+"""Meta-test: adapt to many tasks and report accuracy with a 95% confidence interval.
+
+For every task the meta-weights and meta-alphas are adapted on the support set
+(:func:`metanas.inner.adapt`), the adapted model classifies the query set, and the task's own
+architecture is derived from its adapted alphas. Results are the mean query accuracy over the
+tasks with the normal-approximation 95% interval ``1.96 * std / sqrt(n)``, the per-task
+genotypes, and how much those task architectures differ from the meta-architecture.
+
+Batch statistics: the supernet normalises with batch statistics (DARTS convention, no running
+averages). ``transductive=True`` classifies the whole query set in one batch, so its
+statistics are shared across query images (the MAML/MetaNAS protocol). ``transductive=False``
+classifies each query image in a batch made of the support set plus that one image, so no
+query image influences another's prediction (the non-transductive protocol of Nichol et al.
+2018, Sec. 6).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from metanas.tasks import Split, Task, TaskSampler
+
+from .inner import Adapted, InnerLoopConfig, adapt, predict
+from .search_space import Genotype, SearchSpaceConfig, derive_genotype, genotype_distance
+
+log = logging.getLogger(__name__)
+
+
+def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and half-width of the normal-approximation 95% confidence interval.
+
+    Returns ``(mean, 1.96 * sample_std / sqrt(n))``; the half-width is 0 for fewer than two
+    values.
+    """
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.size == 0:
+        raise ValueError("mean_ci95 needs at least one value")
+    if arr.size < 2:
+        return float(arr.mean()), 0.0
+    return float(arr.mean()), float(1.96 * arr.std(ddof=1) / math.sqrt(arr.size))
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Meta-test (or meta-validation) results.
+
+    Attributes:
+        accuracy: mean query accuracy over tasks, a fraction in [0, 1].
+        ci95: half-width of its 95% confidence interval (same unit).
+        n_tasks: number of tasks.
+        accuracies: per-task query accuracies.
+        genotypes: per-task genotypes derived from the adapted alphas.
+        diversity: summary of how the task architectures differ (see :func:`diversity`).
+    """
+
+    accuracy: float
+    ci95: float
+    n_tasks: int
+    accuracies: tuple[float, ...] = field(repr=False)
+    genotypes: tuple[Genotype, ...] = field(repr=False)
+    diversity: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """``'97.31 +- 0.41 % (600 tasks)'``."""
+        return f"{100 * self.accuracy:.2f} +- {100 * self.ci95:.2f} % ({self.n_tasks} tasks)"
+
+
+def diversity(genotypes: Sequence[Genotype], reference: Genotype | None) -> dict[str, float]:
+    """How much the task architectures differ.
+
+    Returns:
+        ``unique_genotypes`` (number of distinct task genotypes), ``most_common_share``
+        (fraction of tasks with the most frequent genotype) and, with a reference (the
+        meta-architecture), ``mean_distance_to_meta`` and ``changed_share`` (fraction of tasks
+        whose genotype differs from it), distances by
+        :func:`metanas.search_space.genotype_distance`.
+    """
+    counts = Counter(g.to_json() for g in genotypes)
+    out = {
+        "unique_genotypes": float(len(counts)),
+        "most_common_share": max(counts.values()) / len(genotypes),
+    }
+    if reference is not None:
+        dists = [genotype_distance(g, reference) for g in genotypes]
+        out["mean_distance_to_meta"] = float(np.mean(dists))
+        out["changed_share"] = float(np.mean([d > 0 for d in dists]))
+    return out
+
+
+def predict_query(
+    net: nn.Module, adapted: Adapted, task: Task, transductive: bool = True
+) -> Tensor:
+    """Query logits (N*Q, N) of an adapted model; see the module docstring for the modes."""
+    if transductive:
+        return predict(net, adapted, task.query_x)
+
+    support = task.support_x
+
+    def one(q: Tensor) -> Tensor:
+        return predict(net, adapted, torch.cat([support, q.unsqueeze(0)]))[-1]
+
+    return torch.func.vmap(one)(task.query_x)
+
+
+def evaluate(
+    net: nn.Module,
+    weights: Mapping[str, Tensor],
+    alphas: Mapping[str, Tensor],
+    sampler: TaskSampler,
+    split: Split,
+    n_tasks: int,
+    inner: InnerLoopConfig,
+    search_space: SearchSpaceConfig,
+    rng: np.random.Generator,
+    *,
+    transductive: bool = True,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> EvalResult:
+    """Adapt to ``n_tasks`` tasks of ``split`` and measure query accuracy.
+
+    Args:
+        net: the supernet.
+        weights: meta-weights, name -> tensor.
+        alphas: meta-alphas, name -> tensor.
+        sampler: the task distribution.
+        split: "val" or "test" (or "train").
+        n_tasks: number of tasks (600 is the usual meta-test size).
+        inner: inner-loop settings used for adaptation.
+        search_space: the supernet's configuration (for the genotypes).
+        rng: random generator of the task sequence.
+        transductive: query batch statistics shared across the query set or not.
+        device: where to run.
+        progress: show a progress bar.
+
+    Returns:
+        An :class:`EvalResult`.
+    """
+    if n_tasks < 1:
+        raise ValueError(f"n_tasks={n_tasks}: evaluate at least one task")
+    weights = {k: v.detach() for k, v in weights.items()}
+    alphas = {k: v.detach() for k, v in alphas.items()}
+    reference = derive_genotype(alphas, search_space)
+    accs, genotypes = [], []
+    for _ in tqdm(range(n_tasks), desc=f"meta-{split}", disable=not progress, leave=False):
+        task = sampler.sample(split, rng).to(device)
+        adapted = adapt(net, weights, alphas, task.support_x, task.support_y, inner)
+        with torch.no_grad():
+            logits = predict_query(net, adapted, task, transductive)
+            accs.append(float((logits.argmax(-1) == task.query_y).float().mean()))
+        genotypes.append(derive_genotype(adapted.alphas, search_space, temperature=adapted.temperature))
+    mean, ci = mean_ci95(accs)
+    return EvalResult(mean, ci, n_tasks, tuple(accs), tuple(genotypes), diversity(genotypes, reference))
+
+
+__all__ = ["EvalResult", "evaluate", "mean_ci95", "diversity", "predict_query"]

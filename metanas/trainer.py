@@ -1,0 +1,363 @@
+"""Meta-training loop: sample -> adapt -> meta-step -> log -> validate -> checkpoint.
+
+The trainer receives ready-made objects (supernet, alphas, task sampler, outer-loop algorithm,
+inner-loop settings, meta-optimiser factories) and knows nothing about Hydra. All randomness
+of the task sequence comes from one ``numpy.random.Generator`` whose state is checkpointed, so
+a run resumed from its last checkpoint continues exactly as if it had never stopped.
+
+Files written into ``run_dir``:
+
+- ``checkpoints/last.ckpt``: full state, every ``ckpt_every`` meta-steps and at the end;
+- ``checkpoints/best.ckpt``: the state with the best meta-validation accuracy so far;
+- ``train_log.csv``: one row per meta-step (losses, accuracies, learning rates, time).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from metanas.tasks import TaskSampler, check_sampler
+
+from .algorithms import MetaAlgorithm
+from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from .errors import ConfigError
+from .evaluate import EvalResult, evaluate
+from .functional import weights_of
+from .inner import InnerLoopConfig
+from .search_space import SearchSpaceConfig
+
+log = logging.getLogger(__name__)
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+# Offsets of the seeds of the validation and test task sequences, so that they are fixed
+# for a run and independent of the training sequence.
+VAL_SEED, TEST_SEED = 1, 2
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """Settings of the meta-training loop.
+
+    Attributes:
+        meta_steps: number of outer-loop updates.
+        meta_batch_size: tasks per outer-loop update.
+        alpha_warmup_steps: first meta-steps during which the alphas are neither adapted nor
+            meta-updated (weights warm up first, as in DARTS and MetaNAS).
+        meta_lr_schedule: "constant", or "linear" decay of both meta learning rates to zero at
+            ``meta_steps`` (the Reptile schedule).
+        val_every: meta-validate every this many steps (0: never); the best state is kept.
+        n_val_tasks: tasks per meta-validation.
+        ckpt_every: write ``last.ckpt`` every this many steps (and always at the end).
+        log_every: log a line every this many steps.
+        n_test_tasks: tasks of the final meta-test.
+        test_inner_steps: inner steps at meta-validation/test time (None: as in training).
+        transductive: batch statistics over the query set at evaluation (see evaluate.py).
+        progress: show progress bars; None shows them when stderr is a terminal.
+    """
+
+    meta_steps: int = 1000
+    meta_batch_size: int = 5
+    alpha_warmup_steps: int = 0
+    meta_lr_schedule: str = "constant"
+    val_every: int = 100
+    n_val_tasks: int = 100
+    ckpt_every: int = 50
+    log_every: int = 10
+    n_test_tasks: int = 600
+    test_inner_steps: int | None = None
+    transductive: bool = True
+    progress: bool | None = None
+
+    def __post_init__(self) -> None:
+        positive = ("meta_batch_size", "n_val_tasks", "n_test_tasks", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"trainer.{name}={getattr(self, name)} must be at least 1")
+        for name in ("meta_steps", "alpha_warmup_steps", "val_every", "ckpt_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"trainer.{name}={getattr(self, name)} must be 0 or more")
+        if self.meta_lr_schedule not in ("constant", "linear"):
+            raise ConfigError(
+                f"trainer.meta_lr_schedule={self.meta_lr_schedule!r} is unknown; "
+                "use 'constant' or 'linear'"
+            )
+        if self.test_inner_steps is not None and self.test_inner_steps < 0:
+            raise ConfigError(f"trainer.test_inner_steps={self.test_inner_steps} must be >= 0")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` -> CUDA if available, else CPU; anything else is passed to torch.device."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigError(f"device={device!r} is not a torch device; use auto, cpu or cuda") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} but CUDA is not available; use device=auto or cpu")
+    return resolved
+
+
+class MetaTrainer:
+    """Meta-trains a supernet's weights and alphas; see the module docstring.
+
+    Args:
+        net: the supernet; its parameters are the meta-weights and are updated in place by
+            the weights' meta-optimiser.
+        alphas: initial meta-alphas, name -> tensor (copied into parameters).
+        sampler: task distribution with "train", "val" and "test" splits.
+        algorithm: the outer loop (Reptile, FOMAML, MAML).
+        inner: inner-loop settings.
+        weights_optimizer: factory ``params -> torch.optim.Optimizer`` for the weights.
+        alphas_optimizer: factory for the alphas' meta-optimiser.
+        search_space: the supernet's configuration.
+        cfg: loop settings.
+        run_dir: where checkpoints and logs go.
+        seed: seed of the task sequences.
+        device: where to run.
+        config: the resolved configuration, stored in checkpoints and metrics.
+    """
+
+    def __init__(
+        self,
+        *,
+        net: nn.Module,
+        alphas: Mapping[str, Tensor],
+        sampler: TaskSampler,
+        algorithm: MetaAlgorithm,
+        inner: InnerLoopConfig,
+        weights_optimizer: OptimizerFactory,
+        alphas_optimizer: OptimizerFactory,
+        search_space: SearchSpaceConfig,
+        cfg: TrainerConfig,
+        run_dir: str | Path,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        self.sampler = check_sampler(sampler)
+        self.device = torch.device(device)
+        self.net = net.to(self.device)
+        self.alphas = {
+            k: nn.Parameter(v.detach().clone().to(self.device)) for k, v in alphas.items()
+        }
+        self.algorithm = algorithm
+        self.inner = inner
+        self.eval_inner = (
+            inner if cfg.test_inner_steps is None else replace(inner, steps=cfg.test_inner_steps)
+        )
+        self.search_space = search_space
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.seed = seed
+        self.config = config or {}
+        self.opt_weights = weights_optimizer(self.net.parameters())
+        self.opt_alphas = alphas_optimizer(self.alphas.values())
+        for opt in (self.opt_weights, self.opt_alphas):
+            for group in opt.param_groups:
+                group.setdefault("initial_lr", group["lr"])
+        self.rng = np.random.default_rng(seed)
+        self.step = 0
+        self.train_time = 0.0
+        self.best: dict[str, float] = {}
+        self.history: list[dict[str, float]] = []
+
+    # ----------------------------------------------------------------- state
+    def _set_learning_rates(self) -> None:
+        """Meta learning rates of the current step (derived from the step, not stored)."""
+        factor = 1.0
+        if self.cfg.meta_lr_schedule == "linear" and self.cfg.meta_steps > 0:
+            factor = max(0.0, 1.0 - self.step / self.cfg.meta_steps)
+        for opt in (self.opt_weights, self.opt_alphas):
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * factor
+
+    @property
+    def weights(self) -> dict[str, nn.Parameter]:
+        """The live meta-weights by name."""
+        return weights_of(self.net)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: see :mod:`metanas.checkpoint`."""
+        return {
+            "step": self.step,
+            "search_space": self.search_space.to_dict(),
+            "weights": {k: v.detach().cpu() for k, v in self.weights.items()},
+            "alphas": {k: v.detach().cpu() for k, v in self.alphas.items()},
+            "opt_weights": self.opt_weights.state_dict(),
+            "opt_alphas": self.opt_alphas.state_dict(),
+            "rng_tasks": self.rng.bit_generator.state,
+            "rng_torch": torch.get_rng_state(),
+            "train_time": self.train_time,
+            "best": dict(self.best),
+            "history": list(self.history),
+            "config": self.config,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a state written by :meth:`state_dict` (the search space must match)."""
+        with torch.no_grad():
+            for name, p in self.weights.items():
+                p.copy_(state["weights"][name])
+            for name, p in self.alphas.items():
+                p.copy_(state["alphas"][name])
+        self.opt_weights.load_state_dict(state["opt_weights"])
+        self.opt_alphas.load_state_dict(state["opt_alphas"])
+        self.rng.bit_generator.state = state["rng_tasks"]
+        torch.set_rng_state(state["rng_torch"])
+        self.step = int(state["step"])
+        self.train_time = float(state["train_time"])
+        self.best = dict(state["best"])
+        self.history = list(state["history"])
+
+    def resume(self, path: str | Path) -> None:
+        """Load a checkpoint written by this trainer (same search space) and continue from it."""
+        self.load_state_dict(load_checkpoint(path, self.search_space.to_dict(), self.device))
+        log.info("resumed from %s at meta-step %d", path, self.step)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def save(self, name: str = "last.ckpt") -> Path:
+        """Write the full state atomically to ``run_dir/checkpoints/<name>``."""
+        path = self.checkpoint_dir / name
+        save_checkpoint(path, self.state_dict())
+        return path
+
+    def _write_log(self) -> None:
+        if not self.history:
+            return
+        columns = list(dict.fromkeys(k for row in self.history for k in row))
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(self.history)
+        atomic_write_text(self.run_dir / "train_log.csv", buf.getvalue())
+
+    # ------------------------------------------------------------------ loop
+    def _progress(self) -> bool:
+        if self.cfg.progress is None:
+            return sys.stderr.isatty()
+        return self.cfg.progress
+
+    def meta_step(self) -> dict[str, float]:
+        """One outer-loop update on a fresh meta-batch; returns its statistics."""
+        tasks = [
+            self.sampler.sample("train", self.rng).to(self.device)
+            for _ in range(self.cfg.meta_batch_size)
+        ]
+        self._set_learning_rates()
+        adapt_alphas = self.step >= self.cfg.alpha_warmup_steps
+        grads = self.algorithm.meta_gradients(
+            self.net, self.weights, self.alphas, tasks, self.inner, adapt_alphas=adapt_alphas
+        )
+        # Gradients are assigned, never gated on an existing .grad (zero_grad sets them to None).
+        self.opt_weights.zero_grad(set_to_none=True)
+        for name, p in self.weights.items():
+            p.grad = grads.weights[name].to(p.dtype)
+        self.opt_weights.step()
+        if grads.alphas is not None:
+            self.opt_alphas.zero_grad(set_to_none=True)
+            for name, p in self.alphas.items():
+                p.grad = grads.alphas[name].to(p.dtype)
+            self.opt_alphas.step()
+        row = {
+            "step": float(self.step + 1),
+            "support_loss": grads.support_loss,
+            "query_loss": grads.query_loss,
+            "query_accuracy": grads.query_accuracy,
+            "lr_weights": self.opt_weights.param_groups[0]["lr"],
+            "lr_alphas": self.opt_alphas.param_groups[0]["lr"],
+        }
+        self.step += 1
+        return row
+
+    def validate(self, n_tasks: int | None = None) -> EvalResult:
+        """Meta-validate the current meta-parameters on a fixed sequence of val tasks."""
+        return self._evaluate("val", n_tasks or self.cfg.n_val_tasks, VAL_SEED, self.weights, self.alphas)
+
+    def _evaluate(self, split, n_tasks, seed_offset, weights, alphas) -> EvalResult:
+        return evaluate(
+            self.net, weights, alphas, self.sampler, split, n_tasks, self.eval_inner,
+            self.search_space, np.random.default_rng([self.seed, seed_offset]),
+            transductive=self.cfg.transductive, device=self.device, progress=self._progress(),
+        )
+
+    def fit(self) -> dict[str, float]:
+        """Run meta-training from the current step to ``meta_steps``.
+
+        Returns:
+            The best meta-validation result (``val_accuracy``, ``val_ci95``, ``step``), or
+            an empty dict when validation is disabled.
+        """
+        cfg = self.cfg
+        bar = tqdm(
+            total=cfg.meta_steps, initial=self.step, desc="meta-train", unit="step",
+            disable=not self._progress(), dynamic_ncols=True,
+        )
+        recent: list[float] = []
+        started = time.perf_counter() - self.train_time
+        try:
+            while self.step < cfg.meta_steps:
+                row = self.meta_step()
+                self.train_time = time.perf_counter() - started
+                row["time_s"] = self.train_time
+                recent = (recent + [row["query_accuracy"]])[-cfg.log_every :]
+                if cfg.val_every and (self.step % cfg.val_every == 0 or self.step == cfg.meta_steps):
+                    self._validate_and_keep_best(row)
+                    self.train_time = time.perf_counter() - started
+                self.history.append(row)
+                bar.update(1)
+                bar.set_postfix(acc=f"{np.mean(recent):.3f}", best_val=self.best.get("val_accuracy"))
+                if self.step % cfg.log_every == 0:
+                    log.info(
+                        "meta-step %d/%d  query acc %.3f  query loss %.3f  (%.2f s/step)",
+                        self.step, cfg.meta_steps, np.mean(recent), row["query_loss"],
+                        self.train_time / max(self.step, 1),
+                    )
+                if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == cfg.meta_steps:
+                    self.save("last.ckpt")
+                    self._write_log()
+        finally:
+            bar.close()
+        self._write_log()
+        return dict(self.best)
+
+    def _validate_and_keep_best(self, row: dict[str, float]) -> None:
+        result = self.validate()
+        row["val_accuracy"], row["val_ci95"] = result.accuracy, result.ci95
+        log.info("meta-validation at step %d: %s", self.step, result.summary())
+        if result.accuracy > self.best.get("val_accuracy", -1.0):
+            self.best = {"val_accuracy": result.accuracy, "val_ci95": result.ci95, "step": float(self.step)}
+            self.save("best.ckpt")
+
+    def best_parameters(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Meta-weights and meta-alphas of the best validated state (the current ones if none)."""
+        path = self.checkpoint_dir / "best.ckpt"
+        if not self.best or not path.is_file():
+            return dict(self.weights), dict(self.alphas)
+        state = load_checkpoint(path, self.search_space.to_dict(), self.device)
+        return dict(state["weights"]), dict(state["alphas"])
+
+    def test(self, n_tasks: int | None = None) -> EvalResult:
+        """Meta-test the best validated meta-parameters on the test split."""
+        weights, alphas = self.best_parameters()
+        return self._evaluate("test", n_tasks or self.cfg.n_test_tasks, TEST_SEED, weights, alphas)
+
+
+__all__ = ["TrainerConfig", "MetaTrainer", "resolve_device"]

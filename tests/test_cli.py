@@ -1,0 +1,100 @@
+"""The Hydra app: every config composes and instantiates; smoke run end to end; bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+
+from metanas.cli import build_trainer
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and not p.name.startswith("_"))
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def _compose(overrides):
+    with initialize_config_module(config_module="metanas.conf", version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+@pytest.mark.parametrize(
+    "override", [f"{g}={o}" for g in GROUPS for o in _options(g)]
+)
+def test_every_config_composes_and_instantiates(override, tmp_path):
+    cfg = _compose([override, "device=cpu"])
+    trainer = build_trainer(cfg, tmp_path)
+    assert trainer.cfg.meta_steps >= 1
+    assert trainer.sampler.n_way == trainer.search_space.n_classes
+
+
+def test_algorithms_bring_their_meta_optimiser():
+    assert _compose(["algorithm=reptile"]).optim.weights._target_ == "torch.optim.SGD"
+    assert _compose(["algorithm=maml"]).optim.weights._target_ == "torch.optim.Adam"
+    assert _compose(["algorithm=maml", "optim=sgd"]).optim.weights._target_ == "torch.optim.SGD"
+
+
+def run_cli(*args, cwd):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, "-m", "metanas.cli", *args], cwd=cwd, env=env,
+        capture_output=True, text=True, timeout=600,
+    )
+
+
+def test_smoke_experiment_end_to_end_and_resume(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli("experiment=smoke", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert {"accuracy", "ci95", "n_tasks", "config"} <= set(metrics)
+    assert metrics["n_tasks"] == 20 and 0.0 <= metrics["accuracy"] <= 1.0
+    assert metrics["config"]["trainer"]["meta_steps"] == 10
+    genotype = json.loads((run_dir / "genotype.json").read_text())
+    assert "normal" in genotype
+    assert len(json.loads((run_dir / "task_genotypes.json").read_text())) == 20
+    for name in ("last.ckpt", "best.ckpt"):
+        assert (run_dir / "checkpoints" / name).is_file()
+    assert (run_dir / "train_log.csv").read_text().count("\n") == 11
+
+    # resume=auto on a finished run: nothing is retrained, the same model is re-tested
+    again = run_cli("experiment=smoke", f"hydra.run.dir={run_dir}", "resume=auto", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((run_dir / "metrics.json").read_text())["accuracy"] == metrics["accuracy"]
+
+
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("task.n_way=2000", "n_way"),
+        ("task.k_shot=15", "k_shot"),
+        ("search_space.ops=[conv_3x3,conv_9x9]", "conv_9x9"),
+        ("resume=does/not/exist.ckpt", "does not exist"),
+    ],
+)
+def test_bad_input_exits_non_zero_with_a_clear_message(override, expected, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli("experiment=smoke", override, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "metanas-train: error:" in proc.stderr and expected in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (run_dir / "metrics.json").exists()
+
+
+def test_checkpoint_of_another_search_space_is_refused(tmp_path):
+    first = tmp_path / "first"
+    assert run_cli("experiment=smoke", "trainer.meta_steps=2", "trainer.n_test_tasks=2",
+                   f"hydra.run.dir={first}", cwd=tmp_path).returncode == 0
+    proc = run_cli("experiment=smoke", "search_space.channels=12",
+                   f"resume={first}/checkpoints/last.ckpt", f"hydra.run.dir={tmp_path / 'second'}",
+                   cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "different search space" in proc.stderr and "channels" in proc.stderr
