@@ -89,6 +89,22 @@ def test_bad_input_exits_non_zero_with_a_clear_message(override, expected, tmp_p
     assert not (run_dir / "metrics.json").exists()
 
 
+def test_corrupt_data_file_and_checkpoint_are_reported(tmp_path):
+    data = Path(__file__).resolve().parents[1] / "tasks" / "data" / "omniglot" / "omniglot.npz"
+    broken = tmp_path / "omniglot.npz"
+    broken.write_bytes(data.read_bytes()[:100_000])
+    proc = run_cli("experiment=smoke", f"task.path={broken}", f"hydra.run.dir={tmp_path / 'a'}",
+                   cwd=tmp_path)
+    assert proc.returncode == 2 and str(broken) in proc.stderr
+    assert "Traceback" not in proc.stderr
+    bad_ckpt = tmp_path / "last.ckpt"
+    bad_ckpt.write_bytes(b"not a checkpoint")
+    proc = run_cli("experiment=smoke", f"resume={bad_ckpt}", f"hydra.run.dir={tmp_path / 'b'}",
+                   cwd=tmp_path)
+    assert proc.returncode == 2 and "corrupt" in proc.stderr
+    assert not (tmp_path / "b" / "metrics.json").exists()
+
+
 def test_checkpoint_of_another_search_space_is_refused(tmp_path):
     first = tmp_path / "first"
     assert run_cli("experiment=smoke", "trainer.meta_steps=2", "trainer.n_test_tasks=2",
@@ -98,3 +114,35 @@ def test_checkpoint_of_another_search_space_is_refused(tmp_path):
                    cwd=tmp_path)
     assert proc.returncode == 2
     assert "different search space" in proc.stderr and "channels" in proc.stderr
+
+
+def test_custom_sampler_plugs_in_through_the_search_path(tmp_path):
+    (tmp_path / "my_tasks.py").write_text(
+        "import torch\n"
+        "from metanas.tasks import Task\n"
+        "class Stripes:\n"
+        "    n_way, k_shot, q_query, input_shape = 3, 1, 2, (1, 12, 12)\n"
+        "    def __init__(self, noise):\n"
+        "        self.noise = noise\n"
+        "    def sample(self, split, rng):\n"
+        "        def block(k):\n"
+        "            y = torch.arange(3).repeat_interleave(k)\n"
+        "            x = torch.from_numpy(rng.normal(0, self.noise, (3 * k, 1, 12, 12))).float()\n"
+        "            x[torch.arange(3 * k), 0, :, y * 4] += 1.0\n"
+        "            return x, y\n"
+        "        (sx, sy), (qx, qy) = block(1), block(2)\n"
+        "        return Task(sx, sy, qx, qy, (0, 1, 2))\n"
+    )
+    (tmp_path / "my_conf" / "task").mkdir(parents=True)
+    (tmp_path / "my_conf" / "task" / "stripes.yaml").write_text("_target_: my_tasks.Stripes\nnoise: 0.1\n")
+    env_path = f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    proc = subprocess.run(
+        [sys.executable, "-m", "metanas.cli", "experiment=smoke", "task=stripes",
+         f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": env_path}, capture_output=True, text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["config"]["task"]["_target_"] == "my_tasks.Stripes"
+    assert metrics["n_tasks"] == 20

@@ -1,0 +1,74 @@
+"""Meta-test statistics, the two batch-statistics protocols, and architecture diversity."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_task
+from metanas.evaluate import diversity, evaluate, mean_ci95, predict_query
+from metanas.inner import InnerLoopConfig, adapt, predict
+from metanas.search_space import Genotype
+from test_trainer import RandomTasks
+
+
+def test_mean_ci95_matches_the_textbook_formula():
+    values = [0.8, 0.9, 1.0, 0.7, 0.95]
+    mean, ci = mean_ci95(values)
+    sd = math.sqrt(sum((v - 0.87) ** 2 for v in values) / 4)
+    assert mean == pytest.approx(0.87)
+    assert ci == pytest.approx(1.96 * sd / math.sqrt(5))
+    assert mean_ci95([0.5]) == (0.5, 0.0)
+    with pytest.raises(ValueError):
+        mean_ci95([])
+
+
+def test_non_transductive_prediction_sees_only_support_and_one_query(tiny):
+    net, weights, alphas, _ = tiny
+    task = make_task(21)
+    adapted = adapt(net, weights, alphas, task.support_x, task.support_y, InnerLoopConfig(steps=1))
+    with torch.no_grad():
+        ours = predict_query(net, adapted, task, transductive=False)
+        loop = torch.stack([
+            predict(net, adapted, torch.cat([task.support_x, q[None]]))[-1] for q in task.query_x
+        ])
+        transductive = predict_query(net, adapted, task, transductive=True)
+    torch.testing.assert_close(ours, loop, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(transductive, predict(net, adapted, task.query_x))
+    assert not torch.allclose(ours, transductive)  # batch statistics differ between protocols
+    # a query's non-transductive prediction does not depend on the other queries
+    changed = task.query_x.clone()
+    changed[1:] = 0.0
+    again = predict_query(net, adapted, replace(task, query_x=changed), transductive=False)
+    torch.testing.assert_close(again[0], ours[0], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("transductive", [True, False])
+def test_evaluate_reports_accuracy_ci_and_genotypes(tiny, transductive):
+    net, weights, alphas, space = tiny
+    net = net.float()
+    weights = {k: v.float() for k, v in weights.items()}
+    alphas = {k: v.float() for k, v in alphas.items()}
+    result = evaluate(net, weights, alphas, RandomTasks(), "test", 4, InnerLoopConfig(steps=2),
+                      space, np.random.default_rng(0), transductive=transductive)
+    assert result.n_tasks == 4 and len(result.accuracies) == 4 and len(result.genotypes) == 4
+    assert result.accuracy == pytest.approx(np.mean(result.accuracies))
+    assert result.ci95 == pytest.approx(mean_ci95(result.accuracies)[1])
+    assert {"unique_genotypes", "most_common_share", "mean_distance_to_meta"} <= set(result.diversity)
+    again = evaluate(net, weights, alphas, RandomTasks(), "test", 4, InnerLoopConfig(steps=2),
+                     space, np.random.default_rng(0), transductive=transductive)
+    assert again.accuracies == result.accuracies  # same seed, same tasks, same numbers
+
+
+def test_diversity_counts_distinct_architectures():
+    a = Genotype(normal=((("conv_3x3", 0), ("skip_connect", 1)),), normal_concat=(2,))
+    b = Genotype(normal=((("conv_3x3", 0), ("avg_pool_3x3", 1)),), normal_concat=(2,))
+    d = diversity([a, a, b, a], reference=a)
+    assert d["unique_genotypes"] == 2
+    assert d["most_common_share"] == 0.75
+    assert d["changed_share"] == 0.25
+    assert d["mean_distance_to_meta"] == pytest.approx(0.5 / 4)
