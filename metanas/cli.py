@@ -80,10 +80,13 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> MetaTrainer:
         torch.manual_seed(seed)
         net = SearchNetwork(space)
     alphas = init_alphas(space, generator=torch.Generator().manual_seed(seed))
-    trainer_cfg = TrainerConfig(
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
-        meta_lr_schedule=cfg.optim.get("schedule", "constant"),
-    )
+    try:
+        trainer_cfg = TrainerConfig(
+            **OmegaConf.to_container(cfg.trainer, resolve=True),
+            meta_lr_schedule=cfg.optim.get("schedule", "constant"),
+        )
+    except TypeError as exc:  # an unknown key in a user's trainer preset
+        raise ConfigError(f"bad trainer settings: {exc}; see metanas.trainer.TrainerConfig") from exc
     return MetaTrainer(
         net=net,
         alphas=alphas,
@@ -114,6 +117,16 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     run_dir = Path(run_dir) if run_dir is not None else _run_dir()
     started = time.perf_counter()
     trainer = build_trainer(cfg, run_dir)
+    try:
+        return _train(trainer, cfg, run_dir, started)
+    finally:
+        trainer.close()
+
+
+def _train(trainer: MetaTrainer, cfg: DictConfig, run_dir: Path, started: float) -> float:
+    if trainer.pool.workers > 1 and trainer.device.type == "cpu":
+        # one thread per task instead of several per kernel (see metanas.parallel)
+        torch.set_num_threads(max(1, torch.get_num_threads() // trainer.pool.workers))
     resume = _resume_path(cfg.get("resume"), run_dir)
     if resume is not None:
         trainer.resume(resume)
@@ -123,7 +136,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     )
     best = trainer.fit()
     result = trainer.test()
-    weights, alphas = trainer.best_parameters()
+    _, alphas = trainer.best_parameters()
     genotype = derive_genotype(alphas, trainer.search_space)
     metrics = {
         "accuracy": result.accuracy,

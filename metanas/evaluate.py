@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from metanas.tasks import Split, Task, TaskSampler
 
 from .inner import Adapted, InnerLoopConfig, adapt, predict
+from .parallel import TaskPool
 from .search_space import Genotype, SearchSpaceConfig, derive_genotype, genotype_distance
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,23 @@ def predict_query(
     return torch.func.vmap(one)(task.query_x)
 
 
+def _evaluate_task(
+    net: nn.Module,
+    weights: Mapping[str, Tensor],
+    alphas: Mapping[str, Tensor],
+    task: Task,
+    inner: InnerLoopConfig,
+    search_space: SearchSpaceConfig,
+    transductive: bool,
+) -> tuple[float, Genotype]:
+    """Query accuracy and adapted genotype of one task."""
+    adapted = adapt(net, weights, alphas, task.support_x, task.support_y, inner)
+    with torch.no_grad():
+        logits = predict_query(net, adapted, task, transductive)
+        acc = float((logits.argmax(-1) == task.query_y).float().mean())
+    return acc, derive_genotype(adapted.alphas, search_space, temperature=adapted.temperature)
+
+
 def evaluate(
     net: nn.Module,
     weights: Mapping[str, Tensor],
@@ -125,6 +143,7 @@ def evaluate(
     transductive: bool = True,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    pool: TaskPool | None = None,
 ) -> EvalResult:
     """Adapt to ``n_tasks`` tasks of ``split`` and measure query accuracy.
 
@@ -137,27 +156,36 @@ def evaluate(
         n_tasks: number of tasks (600 is the usual meta-test size).
         inner: inner-loop settings used for adaptation.
         search_space: the supernet's configuration (for the genotypes).
-        rng: random generator of the task sequence.
+        rng: random generator of the task sequence (tasks are drawn in order, so the
+            result does not depend on the number of threads).
         transductive: query batch statistics shared across the query set or not.
         device: where to run.
         progress: show a progress bar.
+        pool: adapts several tasks concurrently; it must have been built on ``net``.
 
     Returns:
         An :class:`EvalResult`.
     """
     if n_tasks < 1:
         raise ValueError(f"n_tasks={n_tasks}: evaluate at least one task")
+    pool = pool or TaskPool(net, 1)
     weights = {k: v.detach() for k, v in weights.items()}
     alphas = {k: v.detach() for k, v in alphas.items()}
     reference = derive_genotype(alphas, search_space)
-    accs, genotypes = [], []
-    for _ in tqdm(range(n_tasks), desc=f"meta-{split}", disable=not progress, leave=False):
-        task = sampler.sample(split, rng).to(device)
-        adapted = adapt(net, weights, alphas, task.support_x, task.support_y, inner)
-        with torch.no_grad():
-            logits = predict_query(net, adapted, task, transductive)
-            accs.append(float((logits.argmax(-1) == task.query_y).float().mean()))
-        genotypes.append(derive_genotype(adapted.alphas, search_space, temperature=adapted.temperature))
+
+    def one(replica: nn.Module, task: Task) -> tuple[float, Genotype]:
+        return _evaluate_task(replica, weights, alphas, task, inner, search_space, transductive)
+
+    results: list[tuple[float, Genotype]] = []
+    chunk = 2 * pool.workers
+    with tqdm(total=n_tasks, desc=f"meta-{split}", disable=not progress, leave=False) as bar:
+        while len(results) < n_tasks:
+            count = min(chunk, n_tasks - len(results))
+            tasks = [sampler.sample(split, rng).to(device) for _ in range(count)]
+            results += pool.map(one, tasks)
+            bar.update(count)
+    accs = [acc for acc, _ in results]
+    genotypes = [g for _, g in results]
     mean, ci = mean_ci95(accs)
     return EvalResult(mean, ci, n_tasks, tuple(accs), tuple(genotypes), diversity(genotypes, reference))
 

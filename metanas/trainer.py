@@ -37,6 +37,7 @@ from .errors import ConfigError
 from .evaluate import EvalResult, evaluate
 from .functional import weights_of
 from .inner import InnerLoopConfig
+from .parallel import TaskPool, default_workers
 from .search_space import SearchSpaceConfig
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,9 @@ class TrainerConfig:
         n_test_tasks: tasks of the final meta-test.
         test_inner_steps: inner steps at meta-validation/test time (None: as in training).
         transductive: batch statistics over the query set at evaluation (see evaluate.py).
+        task_workers: threads that adapt the tasks of a meta-batch (and of an evaluation)
+            concurrently; 0 picks one per CPU core on CPU and 1 on an accelerator. Results
+            do not depend on it.
         progress: show progress bars; None shows them when stderr is a terminal.
     """
 
@@ -80,6 +84,7 @@ class TrainerConfig:
     n_test_tasks: int = 600
     test_inner_steps: int | None = None
     transductive: bool = True
+    task_workers: int = 0
     progress: bool | None = None
 
     def __post_init__(self) -> None:
@@ -87,7 +92,7 @@ class TrainerConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"trainer.{name}={getattr(self, name)} must be at least 1")
-        for name in ("meta_steps", "alpha_warmup_steps", "val_every", "ckpt_every"):
+        for name in ("meta_steps", "alpha_warmup_steps", "val_every", "ckpt_every", "task_workers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"trainer.{name}={getattr(self, name)} must be 0 or more")
         if self.meta_lr_schedule not in ("constant", "linear"):
@@ -110,6 +115,21 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={device!r} but CUDA is not available; use device=auto or cpu")
     return resolved
+
+
+def _config_differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts (``resume`` ignored)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        name = f"{prefix}{key}"
+        a, b = old.get(key), new.get(key)
+        if name == "resume":
+            continue
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += _config_differences(a, b, f"{name}.")
+        elif a != b:
+            out.append(f"{name}: {a!r} -> {b!r}")
+    return out
 
 
 class MetaTrainer:
@@ -152,6 +172,7 @@ class MetaTrainer:
         self.sampler = check_sampler(sampler)
         self.device = torch.device(device)
         self.net = net.to(self.device)
+        self.pool = TaskPool(self.net, cfg.task_workers or default_workers(self.device))
         self.alphas = {
             k: nn.Parameter(v.detach().clone().to(self.device)) for k, v in alphas.items()
         }
@@ -175,6 +196,10 @@ class MetaTrainer:
         self.train_time = 0.0
         self.best: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
+
+    def close(self) -> None:
+        """Stop the task threads."""
+        self.pool.close()
 
     # ----------------------------------------------------------------- state
     def _set_learning_rates(self) -> None:
@@ -218,15 +243,23 @@ class MetaTrainer:
         self.opt_weights.load_state_dict(state["opt_weights"])
         self.opt_alphas.load_state_dict(state["opt_alphas"])
         self.rng.bit_generator.state = state["rng_tasks"]
-        torch.set_rng_state(state["rng_torch"])
+        torch.set_rng_state(state["rng_torch"].cpu())
         self.step = int(state["step"])
         self.train_time = float(state["train_time"])
         self.best = dict(state["best"])
         self.history = list(state["history"])
 
     def resume(self, path: str | Path) -> None:
-        """Load a checkpoint written by this trainer (same search space) and continue from it."""
-        self.load_state_dict(load_checkpoint(path, self.search_space.to_dict(), self.device))
+        """Load a checkpoint written by this trainer (same search space) and continue from it.
+
+        Settings that differ from the checkpoint's config (other than ``resume``) are logged
+        as a warning: the run then continues, but not as the original run would have.
+        """
+        state = load_checkpoint(path, self.search_space.to_dict(), self.device)
+        self.load_state_dict(state)
+        changed = _config_differences(state.get("config") or {}, self.config)
+        if changed:
+            log.warning("resuming with settings that differ from the checkpoint: %s", ", ".join(changed))
         log.info("resumed from %s at meta-step %d", path, self.step)
 
     @property
@@ -264,7 +297,8 @@ class MetaTrainer:
         self._set_learning_rates()
         adapt_alphas = self.step >= self.cfg.alpha_warmup_steps
         grads = self.algorithm.meta_gradients(
-            self.net, self.weights, self.alphas, tasks, self.inner, adapt_alphas=adapt_alphas
+            self.net, self.weights, self.alphas, tasks, self.inner,
+            adapt_alphas=adapt_alphas, pool=self.pool,
         )
         # Gradients are assigned, never gated on an existing .grad (zero_grad sets them to None).
         self.opt_weights.zero_grad(set_to_none=True)
@@ -296,6 +330,7 @@ class MetaTrainer:
             self.net, weights, alphas, self.sampler, split, n_tasks, self.eval_inner,
             self.search_space, np.random.default_rng([self.seed, seed_offset]),
             transductive=self.cfg.transductive, device=self.device, progress=self._progress(),
+            pool=self.pool,
         )
 
     def fit(self) -> dict[str, float]:

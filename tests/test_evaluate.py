@@ -12,6 +12,7 @@ import torch
 from conftest import make_task
 from metanas.evaluate import diversity, evaluate, mean_ci95, predict_query
 from metanas.inner import InnerLoopConfig, adapt, predict
+from metanas.parallel import TaskPool
 from metanas.search_space import Genotype
 from test_trainer import RandomTasks
 
@@ -62,6 +63,11 @@ def test_evaluate_reports_accuracy_ci_and_genotypes(tiny, transductive):
     again = evaluate(net, weights, alphas, RandomTasks(), "test", 4, InnerLoopConfig(steps=2),
                      space, np.random.default_rng(0), transductive=transductive)
     assert again.accuracies == result.accuracies  # same seed, same tasks, same numbers
+    with TaskPool(net, 2) as pool:
+        threaded = evaluate(net, weights, alphas, RandomTasks(), "test", 4, InnerLoopConfig(steps=2),
+                            space, np.random.default_rng(0), transductive=transductive, pool=pool)
+    assert threaded.accuracies == result.accuracies
+    assert threaded.genotypes == result.genotypes
 
 
 def test_diversity_counts_distinct_architectures():

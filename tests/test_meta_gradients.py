@@ -19,6 +19,8 @@ from torch import nn
 from metanas.algorithms import FOMAML, MAML, Reptile
 from metanas.functional import forward
 from metanas.inner import InnerLoopConfig, adapt, query_loss
+from metanas.parallel import TaskPool
+from conftest import make_task
 
 SGD = InnerLoopConfig(steps=2, lr_weights=0.1, lr_alphas=0.5, optimizer="sgd")
 # A large epsilon keeps Adam's step a smooth function of the gradient at the scale of the
@@ -185,3 +187,17 @@ def test_frozen_alphas_give_no_alpha_gradient(tiny, tasks):
         grads = algo.meta_gradients(net, weights, alphas, tasks, SGD, adapt_alphas=False)
         assert grads.alphas is None
         assert set(grads.weights) == set(weights)
+
+
+@pytest.mark.parametrize("algo", [Reptile(), FOMAML(), MAML()], ids=repr)
+def test_threaded_meta_gradients_equal_the_plain_loop(tiny, tasks, algo):
+    net, weights, alphas, _ = tiny
+    batch = tasks + [make_task(12)]
+    plain = algo.meta_gradients(net, weights, alphas, batch, SGD)
+    with TaskPool(net, 2) as pool:
+        threaded = algo.meta_gradients(net, weights, alphas, batch, SGD, pool=pool)
+    for name in weights:
+        assert torch.equal(plain.weights[name], threaded.weights[name]), name
+    for name in alphas:
+        assert torch.equal(plain.alphas[name], threaded.alphas[name]), name
+    assert plain.query_loss == threaded.query_loss

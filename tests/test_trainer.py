@@ -157,3 +157,15 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
         save_checkpoint(path, {"step": 2, "search_space": {}, "weights": {}, "alphas": {}})
     assert path.read_bytes() == before
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+
+
+def test_resume_warns_about_changed_settings(tmp_path, caplog):
+    first = make_trainer(tmp_path, meta_steps=2)
+    first.config = {"seed": 0, "trainer": {"meta_steps": 2, "meta_batch_size": 2}, "resume": None}
+    first.fit()
+    second = make_trainer(tmp_path, meta_steps=4)
+    second.config = {"seed": 0, "trainer": {"meta_steps": 4, "meta_batch_size": 2}, "resume": "auto"}
+    with caplog.at_level("WARNING", logger="metanas.trainer"):
+        second.resume(tmp_path / "checkpoints" / "last.ckpt")
+    assert "trainer.meta_steps: 2 -> 4" in caplog.text
+    assert "resume" not in caplog.text.split("differ from the checkpoint:")[1]

@@ -1,7 +1,7 @@
 """Outer loops: Reptile, first-order MAML and second-order MAML."""
 
-from .base import MetaAlgorithm, MetaGradients
+from .base import MetaAlgorithm, MetaGradients, TaskwiseAlgorithm
 from .maml import FOMAML, MAML
 from .reptile import Reptile
 
-__all__ = ["MetaAlgorithm", "MetaGradients", "Reptile", "FOMAML", "MAML"]
+__all__ = ["MetaAlgorithm", "MetaGradients", "TaskwiseAlgorithm", "Reptile", "FOMAML", "MAML"]

@@ -5,6 +5,11 @@ a tensor per name that the trainer hands to two ordinary ``torch.optim`` meta-op
 ``.grad``. For MAML this is the true meta-gradient; for Reptile it is the Reptile direction
 ``theta - mean(theta'_i)`` (Nichol et al. 2018), so that plain SGD with learning rate ``eps``
 performs ``theta <- theta + eps * (mean(theta'_i) - theta)`` and any optimiser can be used.
+
+The built-in algorithms are :class:`TaskwiseAlgorithm` subclasses: they define the
+contribution of one task (:meth:`TaskwiseAlgorithm.task_gradients`) and the base class
+averages the contributions of a meta-batch, optionally computing them on several threads
+(:class:`~metanas.parallel.TaskPool`).
 """
 
 from __future__ import annotations
@@ -16,14 +21,16 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from metanas.tasks import Task
+
 from ..functional import Params
 from ..inner import Adapted, InnerLoopConfig
-from metanas.tasks import Task
+from ..parallel import TaskPool
 
 
 @dataclass(frozen=True)
 class MetaGradients:
-    """Meta-gradients of one meta-batch and its training statistics.
+    """Meta-gradients of one task or meta-batch and its training statistics.
 
     Attributes:
         weights: name -> gradient-like tensor, same keys and shapes as the meta-weights.
@@ -54,35 +61,78 @@ class MetaAlgorithm(Protocol):
         inner: InnerLoopConfig,
         *,
         adapt_alphas: bool = True,
+        pool: TaskPool | None = None,
     ) -> MetaGradients: ...
 
 
-class _Mean:
-    """Running mean of dictionaries of tensors and of scalar statistics."""
+def _mean(dicts: Sequence[Params]) -> Params:
+    """Element-wise mean of dicts of tensors, summed in the order given."""
+    n = len(dicts)
+    out = {name: t.detach() / n for name, t in dicts[0].items()}
+    for d in dicts[1:]:
+        for name, t in d.items():
+            out[name] = out[name] + t.detach() / n
+    return out
 
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.sums: dict[str, Params] = {}
-        self.stats: dict[str, float] = {}
 
-    def add(self, key: str, tensors: Mapping[str, Tensor]) -> None:
-        acc = self.sums.setdefault(key, {})
-        for name, t in tensors.items():
-            t = t.detach()
-            acc[name] = t / self.n if name not in acc else acc[name] + t / self.n
+class TaskwiseAlgorithm:
+    """An outer loop whose meta-gradient is the mean of independent per-task terms."""
 
-    def add_stat(self, key: str, value: Tensor) -> None:
-        self.stats[key] = self.stats.get(key, 0.0) + float(value) / self.n
+    def task_gradients(
+        self,
+        net: nn.Module,
+        weights: Mapping[str, Tensor],
+        alphas: Mapping[str, Tensor],
+        task: Task,
+        inner: InnerLoopConfig,
+        adapt_alphas: bool,
+    ) -> MetaGradients:
+        """The contribution of one task (statistics of that task alone)."""
+        raise NotImplementedError
 
-    def result(self, alphas: bool) -> MetaGradients:
-        """The averaged meta-gradients; ``alphas`` False means the alphas were frozen."""
+    def meta_gradients(
+        self,
+        net: nn.Module,
+        weights: Mapping[str, Tensor],
+        alphas: Mapping[str, Tensor],
+        tasks: Sequence[Task],
+        inner: InnerLoopConfig,
+        *,
+        adapt_alphas: bool = True,
+        pool: TaskPool | None = None,
+    ) -> MetaGradients:
+        """Mean of :meth:`task_gradients` over ``tasks``.
+
+        Args:
+            net: the supernet.
+            weights: meta-weights, name -> tensor (leaves that require grad for MAML).
+            alphas: meta-alphas, name -> tensor.
+            tasks: the meta-batch.
+            inner: inner-loop settings.
+            adapt_alphas: adapt and meta-learn the alphas (False during the alpha warm-up;
+                the result's ``alphas`` is then None).
+            pool: computes the tasks concurrently; it must have been built on ``net``.
+        """
+        if not tasks:
+            raise ValueError("meta_gradients needs at least one task")
+        if pool is not None and pool.net is not net:
+            raise ValueError("the TaskPool was built on another network")
+
+        def one(replica: nn.Module, task: Task) -> MetaGradients:
+            return self.task_gradients(replica, weights, alphas, task, inner, adapt_alphas)
+
+        parts = pool.map(one, tasks) if pool is not None else [one(net, t) for t in tasks]
+        n = len(parts)
         return MetaGradients(
-            weights=self.sums["weights"],
-            alphas=self.sums["alphas"] if alphas else None,
-            query_loss=self.stats["query_loss"],
-            query_accuracy=self.stats["query_accuracy"],
-            support_loss=self.stats["support_loss"],
+            weights=_mean([p.weights for p in parts]),
+            alphas=_mean([p.alphas for p in parts]) if adapt_alphas else None,
+            query_loss=sum(p.query_loss for p in parts) / n,
+            query_accuracy=sum(p.query_accuracy for p in parts) / n,
+            support_loss=sum(p.support_loss for p in parts) / n,
         )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
 
 
 def grads_of(loss: Tensor, *groups: Mapping[str, Tensor]) -> tuple[Params, ...]:
@@ -99,8 +149,8 @@ def grads_of(loss: Tensor, *groups: Mapping[str, Tensor]) -> tuple[Params, ...]:
     return out
 
 
-def first_support_loss(adapted: Adapted) -> Tensor:
+def first_support_loss(adapted: Adapted) -> float:
     """The support loss before adaptation, or NaN when no inner step was taken."""
     if adapted.support_losses:
-        return adapted.support_losses[0]
-    return torch.tensor(float("nan"))
+        return float(adapted.support_losses[0])
+    return float("nan")

@@ -8,52 +8,46 @@ adapted weights and alphas of the live task model.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 from torch import Tensor, nn
 
 from metanas.tasks import Task
 
 from ..inner import InnerLoopConfig, adapt, query_loss
-from .base import MetaGradients, _Mean, first_support_loss, grads_of
+from .base import MetaGradients, TaskwiseAlgorithm, first_support_loss, grads_of
 
 
-class _MAMLBase:
+class _MAMLBase(TaskwiseAlgorithm):
     second_order: bool = True
 
-    def meta_gradients(
+    def task_gradients(
         self,
         net: nn.Module,
         weights: Mapping[str, Tensor],
         alphas: Mapping[str, Tensor],
-        tasks: Sequence[Task],
+        task: Task,
         inner: InnerLoopConfig,
-        *,
-        adapt_alphas: bool = True,
+        adapt_alphas: bool,
     ) -> MetaGradients:
-        """See :class:`~metanas.algorithms.base.MetaAlgorithm`."""
-        mean = _Mean(len(tasks))
-        for task in tasks:
-            adapted = adapt(
-                net, weights, alphas, task.support_x, task.support_y, inner,
-                create_graph=self.second_order, adapt_alphas=adapt_alphas,
-            )
-            loss, acc = query_loss(net, adapted, task.query_x, task.query_y)
-            # second order: differentiate back to the meta-parameters; first order: at
-            # the adapted tensors themselves (fresh leaves returned by adapt).
-            source_w = weights if self.second_order else adapted.weights
-            source_a = alphas if self.second_order else adapted.alphas
-            grads_w, grads_a = grads_of(loss, source_w, source_a if adapt_alphas else {})
-            mean.add("weights", grads_w)
-            if adapt_alphas:
-                mean.add("alphas", grads_a)
-            mean.add_stat("query_loss", loss.detach())
-            mean.add_stat("query_accuracy", acc)
-            mean.add_stat("support_loss", first_support_loss(adapted))
-        return mean.result(adapt_alphas)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
+        """Query-loss gradient of one task (through the inner loop if second order)."""
+        adapted = adapt(
+            net, weights, alphas, task.support_x, task.support_y, inner,
+            create_graph=self.second_order, adapt_alphas=adapt_alphas,
+        )
+        loss, acc = query_loss(net, adapted, task.query_x, task.query_y)
+        # second order: differentiate back to the meta-parameters; first order: at the
+        # adapted tensors themselves (fresh leaves returned by adapt).
+        source_w = weights if self.second_order else adapted.weights
+        source_a = alphas if self.second_order else adapted.alphas
+        grads_w, grads_a = grads_of(loss, source_w, source_a if adapt_alphas else {})
+        return MetaGradients(
+            grads_w,
+            grads_a if adapt_alphas else None,
+            float(loss.detach()),
+            float(acc),
+            first_support_loss(adapted),
+        )
 
 
 class MAML(_MAMLBase):

@@ -8,7 +8,7 @@ accuracy.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
@@ -16,38 +16,30 @@ from torch import Tensor, nn
 from metanas.tasks import Task
 
 from ..inner import InnerLoopConfig, adapt, query_loss
-from .base import MetaGradients, _Mean, first_support_loss
+from .base import MetaGradients, TaskwiseAlgorithm, first_support_loss
 
 
-class Reptile:
+class Reptile(TaskwiseAlgorithm):
     """Reptile meta-gradients for weights and alphas (first-order, no query gradients)."""
 
-    def meta_gradients(
+    def task_gradients(
         self,
         net: nn.Module,
         weights: Mapping[str, Tensor],
         alphas: Mapping[str, Tensor],
-        tasks: Sequence[Task],
+        task: Task,
         inner: InnerLoopConfig,
-        *,
-        adapt_alphas: bool = True,
+        adapt_alphas: bool,
     ) -> MetaGradients:
-        """See :class:`~metanas.algorithms.base.MetaAlgorithm`."""
-        mean = _Mean(len(tasks))
-        for task in tasks:
-            adapted = adapt(
-                net, weights, alphas, task.support_x, task.support_y, inner,
-                adapt_alphas=adapt_alphas,
+        """``(theta - theta', alpha - alpha')`` of one task."""
+        adapted = adapt(
+            net, weights, alphas, task.support_x, task.support_y, inner,
+            adapt_alphas=adapt_alphas,
+        )
+        with torch.no_grad():
+            loss, acc = query_loss(net, adapted, task.query_x, task.query_y)
+            grads_w = {n: weights[n] - adapted.weights[n] for n in weights}
+            grads_a = (
+                {n: alphas[n] - adapted.alphas[n] for n in alphas} if adapt_alphas else None
             )
-            with torch.no_grad():
-                loss, acc = query_loss(net, adapted, task.query_x, task.query_y)
-                mean.add("weights", {n: weights[n] - adapted.weights[n] for n in weights})
-                if adapt_alphas:
-                    mean.add("alphas", {n: alphas[n] - adapted.alphas[n] for n in alphas})
-            mean.add_stat("query_loss", loss)
-            mean.add_stat("query_accuracy", acc)
-            mean.add_stat("support_loss", first_support_loss(adapted))
-        return mean.result(adapt_alphas)
-
-    def __repr__(self) -> str:
-        return "Reptile()"
+        return MetaGradients(grads_w, grads_a, float(loss), float(acc), first_support_loss(adapted))

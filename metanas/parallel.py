@@ -1,0 +1,88 @@
+"""Independent per-task work (adaptation, meta-gradients, evaluation) on several threads.
+
+On a CPU the supernet's kernels are small and their dispatch overhead dominates, so one
+thread per task beats several threads per kernel: adapting a meta-batch's tasks on two
+threads ran 1.83x faster than one after the other on a 2-core machine (see the README).
+PyTorch releases the GIL inside its kernels and runs backward passes in C++, so Python
+threads do overlap.
+
+:func:`torch.func.functional_call` swaps a module's tensors while it runs, so two threads must
+never share a module: each worker owns a replica of the network. A replica is only a container
+for the forward function (weights and alphas are always passed explicitly), is built once,
+and is never updated. Results come back in input order, so any reduction over them sums in the
+same order as a plain loop and gives bit-identical results.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import queue
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import torch
+from torch import nn
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def default_workers(device: torch.device | str) -> int:
+    """Threads to use for tasks: one per CPU core on CPU, one on an accelerator."""
+    if torch.device(device).type != "cpu":
+        return 1
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+class TaskPool:
+    """Maps a function over tasks on ``workers`` threads, each with its own network replica.
+
+    Args:
+        net: the network whose ``forward`` the tasks use.
+        workers: number of threads; 1 runs everything in the calling thread on ``net`` itself.
+
+    Use as a context manager, or call :meth:`close` when done.
+    """
+
+    def __init__(self, net: nn.Module, workers: int = 1) -> None:
+        if workers < 1:
+            raise ValueError(f"workers={workers}: use at least one worker")
+        self.net = net
+        self.workers = workers
+        self._executor: ThreadPoolExecutor | None = None
+        self._replicas: queue.SimpleQueue[nn.Module] = queue.SimpleQueue()
+        if workers > 1:
+            self._executor = ThreadPoolExecutor(workers, thread_name_prefix="metanas-task")
+            for _ in range(workers):
+                self._replicas.put(copy.deepcopy(net))
+
+    def map(self, fn: Callable[[nn.Module, T], R], items: Sequence[T]) -> list[R]:
+        """``[fn(replica, item) for item in items]``, computed concurrently, in input order."""
+        if self._executor is None or len(items) < 2:
+            return [fn(self.net, item) for item in items]
+
+        def run(item: T) -> R:
+            replica = self._replicas.get()
+            try:
+                return fn(replica, item)
+            finally:
+                self._replicas.put(replica)
+
+        return list(self._executor.map(run, items))
+
+    def close(self) -> None:
+        """Stop the worker threads."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def __enter__(self) -> TaskPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["TaskPool", "default_workers"]
