@@ -2,7 +2,8 @@
 
 On a CPU the supernet's kernels are small and their dispatch overhead dominates, so one
 thread per task beats several threads per kernel: adapting a meta-batch's tasks on two
-threads ran 1.83x faster than one after the other on a 2-core machine (see the README).
+threads ran 1.83x faster than one after the other on a 2-core machine
+(``python benchmarks/task_threads.py --tasks 6``).
 PyTorch releases the GIL inside its kernels and runs backward passes in C++, so Python
 threads do overlap.
 
