@@ -1,9 +1,9 @@
 """Independent per-task work (adaptation, meta-gradients, evaluation) on several threads.
 
 On a CPU the supernet's kernels are small and their dispatch overhead dominates, so one
-thread per task beats several threads per kernel: adapting a meta-batch's tasks on two
-threads ran 1.83x faster than one after the other on a 2-core machine
-(``python benchmarks/task_threads.py --tasks 6``).
+thread per task beats several threads per kernel: adapting tasks on two threads ran
+1.66x faster than one after the other on a 2-core machine
+(``python benchmarks/task_threads.py``).
 PyTorch releases the GIL inside its kernels and runs backward passes in C++, so Python
 threads do overlap.
 
