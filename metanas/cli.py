@@ -49,7 +49,7 @@ def _build(node: DictConfig, what: str, **kwargs: Any) -> Any:
     except InstantiationException as exc:
         cause = exc.__cause__
         if isinstance(cause, MetaNASError):
-            raise cause
+            raise cause from None
         raise ConfigError(f"could not build {what}: {exc}") from exc
 
 
