@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from metanas.tasks import Split, Task, TaskSampler
 
+from .functional import accuracy
 from .inner import Adapted, InnerLoopConfig, adapt, predict
 from .parallel import TaskPool
 from .search_space import Genotype, SearchSpaceConfig, derive_genotype, genotype_distance
@@ -125,7 +126,7 @@ def _evaluate_task(
     adapted = adapt(net, weights, alphas, task.support_x, task.support_y, inner)
     with torch.no_grad():
         logits = predict_query(net, adapted, task, transductive)
-        acc = float((logits.argmax(-1) == task.query_y).float().mean())
+        acc = float(accuracy(logits, task.query_y))
     return acc, derive_genotype(adapted.alphas, search_space, temperature=adapted.temperature)
 
 

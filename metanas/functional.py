@@ -20,11 +20,6 @@ def weights_of(net: nn.Module) -> Params:
     return dict(net.named_parameters())
 
 
-def buffers_of(net: nn.Module) -> Params:
-    """Return the network's buffers by name (empty for the DARTS search convention)."""
-    return dict(net.named_buffers())
-
-
 def forward(
     net: nn.Module,
     weights: Mapping[str, Tensor],
@@ -60,4 +55,4 @@ def accuracy(logits: Tensor, y: Tensor) -> Tensor:
     return (logits.argmax(dim=-1) == y).float().mean()
 
 
-__all__ = ["Params", "weights_of", "buffers_of", "forward", "detached", "accuracy"]
+__all__ = ["Params", "weights_of", "forward", "detached", "accuracy"]

@@ -101,9 +101,7 @@ class Adapted:
     support_losses: tuple[Tensor, ...] = field(default=())
 
 
-def _sgd(
-    tensors: list[Tensor], grads: list[Tensor], lrs: list[float], state: dict, step: int
-) -> list[Tensor]:
+def _sgd(tensors: list[Tensor], grads: list[Tensor], lrs: list[float]) -> list[Tensor]:
     return [p - lr * g for p, g, lr in zip(tensors, grads, lrs)]
 
 
@@ -195,7 +193,7 @@ def adapt(
         grads = [torch.zeros_like(t) if g is None else g for t, g in zip(current, grads)]
         with torch.set_grad_enabled(create_graph):
             if cfg.optimizer == "sgd":
-                new = _sgd(current, grads, lrs, state, step)
+                new = _sgd(current, grads, lrs)
             else:
                 new = _adam(current, grads, lrs, state, step, cfg.betas, cfg.eps)
         if not create_graph:

@@ -132,6 +132,20 @@ def _config_differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: 
     return out
 
 
+def _apply(
+    optimizer: torch.optim.Optimizer, params: Mapping[str, nn.Parameter], grads: Mapping[str, Tensor]
+) -> None:
+    """One optimiser step with ``grads`` as the gradients of ``params``.
+
+    Gradients are assigned, never gated on an existing ``.grad``: ``zero_grad`` sets them to
+    None on torch >= 2, and a gate would silently skip the update.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    for name, p in params.items():
+        p.grad = grads[name].to(p.dtype)
+    optimizer.step()
+
+
 class MetaTrainer:
     """Meta-trains a supernet's weights and alphas; see the module docstring.
 
@@ -300,16 +314,9 @@ class MetaTrainer:
             self.net, self.weights, self.alphas, tasks, self.inner,
             adapt_alphas=adapt_alphas, pool=self.pool,
         )
-        # Gradients are assigned, never gated on an existing .grad (zero_grad sets them to None).
-        self.opt_weights.zero_grad(set_to_none=True)
-        for name, p in self.weights.items():
-            p.grad = grads.weights[name].to(p.dtype)
-        self.opt_weights.step()
+        _apply(self.opt_weights, self.weights, grads.weights)
         if grads.alphas is not None:
-            self.opt_alphas.zero_grad(set_to_none=True)
-            for name, p in self.alphas.items():
-                p.grad = grads.alphas[name].to(p.dtype)
-            self.opt_alphas.step()
+            _apply(self.opt_alphas, self.alphas, grads.alphas)
         row = {
             "step": float(self.step + 1),
             "support_loss": grads.support_loss,
