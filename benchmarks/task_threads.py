@@ -14,11 +14,11 @@ import time
 
 import numpy as np
 import torch
+from metanas.tasks import OmniglotTasks
 
 from metanas.inner import InnerLoopConfig, adapt
 from metanas.parallel import TaskPool, default_workers
 from metanas.search_space import SearchNetwork, SearchSpaceConfig, init_alphas
-from metanas.tasks import OmniglotTasks
 
 
 def main() -> None:

@@ -4,4 +4,4 @@ from .base import MetaAlgorithm, MetaGradients, TaskwiseAlgorithm
 from .maml import FOMAML, MAML
 from .reptile import Reptile
 
-__all__ = ["MetaAlgorithm", "MetaGradients", "TaskwiseAlgorithm", "Reptile", "FOMAML", "MAML"]
+__all__ = ["FOMAML", "MAML", "MetaAlgorithm", "MetaGradients", "Reptile", "TaskwiseAlgorithm"]

@@ -8,8 +8,12 @@ performs ``theta <- theta + eps * (mean(theta'_i) - theta)`` and any optimiser c
 
 The built-in algorithms are :class:`TaskwiseAlgorithm` subclasses: they define the
 contribution of one task (:meth:`TaskwiseAlgorithm.task_gradients`) and the base class
-averages the contributions of a meta-batch, optionally computing them on several threads
-(:class:`~metanas.parallel.TaskPool`).
+averages the contributions of a meta-batch. How the tasks of a meta-batch are computed is the
+algorithm's ``batching`` setting: one after the other (``loop``), on the threads of a
+:class:`~metanas.parallel.TaskPool` (``threads``), or vectorised over the task dim with
+``torch.func.vmap`` (``vmap``, :mod:`metanas.batched`); ``auto`` picks threads on a CPU and
+vmap on an accelerator (measurements in ``docs/speed.md``). All engines give the same
+meta-gradients up to floating-point rounding (``tests/test_fast_paths.py``).
 """
 
 from __future__ import annotations
@@ -23,9 +27,14 @@ from torch import Tensor, nn
 
 from metanas.tasks import Task
 
+from ..batched import TaskFn, map_tasks, stack_tasks
+from ..errors import ConfigError
 from ..functional import Params
 from ..inner import Adapted, InnerLoopConfig
 from ..parallel import TaskPool
+
+BATCHING = ("auto", "loop", "threads", "vmap")
+"""Engines for the tasks of a meta-batch (see the module docstring)."""
 
 
 @dataclass(frozen=True)
@@ -75,8 +84,49 @@ def _mean(dicts: Sequence[Params]) -> Params:
     return out
 
 
+def resolve_batching(batching: str, device: torch.device | str) -> str:
+    """The engine ``batching`` means on ``device``: ``auto`` -> threads on CPU, vmap elsewhere."""
+    if batching not in BATCHING:
+        raise ConfigError(
+            f"algorithm.batching={batching!r} is unknown; use one of {', '.join(BATCHING)}"
+        )
+    if batching != "auto":
+        return batching
+    return "threads" if torch.device(device).type == "cpu" else "vmap"
+
+
 class TaskwiseAlgorithm:
-    """An outer loop whose meta-gradient is the mean of independent per-task terms."""
+    """An outer loop whose meta-gradient is the mean of independent per-task terms.
+
+    Args:
+        batching: ``auto`` | ``loop`` | ``threads`` | ``vmap``: how the tasks of a meta-batch
+            are computed (see the module docstring). ``threads`` uses the ``pool`` passed to
+            :meth:`meta_gradients` (a plain loop without one); ``vmap`` falls back to the
+            threads/loop engine when the tasks' shapes differ.
+        vmap_chunk_size: tasks per vectorised call with ``vmap`` (None: the whole meta-batch;
+            smaller needs less memory).
+    """
+
+    def __init__(self, batching: str = "auto", vmap_chunk_size: int | None = None) -> None:
+        resolve_batching(batching, "cpu")  # validates the name
+        if vmap_chunk_size is not None and (
+            isinstance(vmap_chunk_size, bool) or not isinstance(vmap_chunk_size, int)
+            or vmap_chunk_size < 1
+        ):
+            raise ConfigError(
+                f"algorithm.vmap_chunk_size={vmap_chunk_size!r} must be a positive integer or null"
+            )
+        self.batching = batching
+        self.vmap_chunk_size = vmap_chunk_size
+
+    def task_fn(self, net: nn.Module, inner: InnerLoopConfig, adapt_alphas: bool) -> TaskFn:
+        """The contribution of one task as a pure function for ``vmap``.
+
+        The function maps ``(weights, alphas, support_x, support_y, query_x, query_y)`` to
+        ``(grads_w, grads_a, query_loss, query_accuracy, support_loss)`` (dicts of tensors
+        and 0-dim tensors; ``grads_a`` is ``{}`` when the alphas are frozen).
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no vectorised form; use batching=threads")
 
     def task_gradients(
         self,
@@ -117,6 +167,15 @@ class TaskwiseAlgorithm:
             raise ValueError("meta_gradients needs at least one task")
         if pool is not None and pool.net is not net:
             raise ValueError("the TaskPool was built on another network")
+        device = next(iter(weights.values())).device
+        engine = resolve_batching(getattr(self, "batching", "auto"), device)
+        if engine == "vmap":
+            stacked = stack_tasks(tasks)
+            if stacked is not None:
+                return self._vmap_meta_gradients(net, weights, alphas, stacked, inner, adapt_alphas)
+            engine = "threads"
+        if engine == "loop":
+            pool = None
 
         def one(replica: nn.Module, task: Task) -> MetaGradients:
             return self.task_gradients(replica, weights, alphas, task, inner, adapt_alphas)
@@ -131,8 +190,24 @@ class TaskwiseAlgorithm:
             support_loss=sum(p.support_loss for p in parts) / n,
         )
 
+    def _vmap_meta_gradients(self, net, weights, alphas, stacked, inner, adapt_alphas) -> MetaGradients:
+        fn = self.task_fn(net, inner, adapt_alphas)
+        w = {k: v.detach() for k, v in weights.items()}
+        a = {k: v.detach() for k, v in alphas.items()}
+        g_w, g_a, q_loss, q_acc, s_loss = map_tasks(
+            fn, w, a, stacked, getattr(self, "vmap_chunk_size", None)
+        )
+        return MetaGradients(
+            weights={k: v.mean(dim=0) for k, v in g_w.items()},
+            alphas={k: v.mean(dim=0) for k, v in g_a.items()} if adapt_alphas else None,
+            query_loss=float(q_loss.mean()),
+            query_accuracy=float(q_acc.mean()),
+            support_loss=float(s_loss.mean()),
+        )
+
     def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
+        batching = getattr(self, "batching", "auto")
+        return f"{type(self).__name__}()" if batching == "auto" else f"{type(self).__name__}(batching={batching!r})"
 
 
 def grads_of(loss: Tensor, *groups: Mapping[str, Tensor]) -> tuple[Params, ...]:

@@ -11,9 +11,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from torch import Tensor, nn
+from torch.func import grad
 
 from metanas.tasks import Task
 
+from ..batched import TaskFn, adapt_pure, query_stats
 from ..inner import InnerLoopConfig, adapt, query_loss
 from .base import MetaGradients, TaskwiseAlgorithm, first_support_loss, grads_of
 
@@ -48,6 +50,38 @@ class _MAMLBase(TaskwiseAlgorithm):
             float(acc),
             first_support_loss(adapted),
         )
+
+
+    def task_fn(self, net: nn.Module, inner: InnerLoopConfig, adapt_alphas: bool) -> TaskFn:
+        """:meth:`task_gradients` as a pure function of one task's tensors (for ``vmap``)."""
+        temperature = inner.temperature(inner.steps)
+        argnums = (0, 1) if adapt_alphas else 0
+        second_order = self.second_order
+
+        def split(g):
+            return g if adapt_alphas else (g, {})
+
+        def fn(w, a, support_x, support_y, query_x, query_y):
+            def query(w_task, a_task):
+                loss, acc = query_stats(net, w_task, a_task, query_x, query_y, temperature)
+                return loss, (loss.detach(), acc)
+
+            if second_order:
+                def meta_loss(w0, a0):
+                    w_task, a_task, first = adapt_pure(
+                        net, w0, a0, support_x, support_y, inner, adapt_alphas
+                    )
+                    loss, aux = query(w_task, a_task)
+                    return loss, (*aux, first)
+
+                g, (loss, acc, first) = grad(meta_loss, argnums=argnums, has_aux=True)(w, a)
+            else:
+                w_task, a_task, first = adapt_pure(net, w, a, support_x, support_y, inner, adapt_alphas)
+                g, (loss, acc) = grad(query, argnums=argnums, has_aux=True)(w_task, a_task)
+            grads_w, grads_a = split(g)
+            return grads_w, grads_a, loss, acc, first
+
+        return fn
 
 
 class MAML(_MAMLBase):

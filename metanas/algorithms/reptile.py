@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from metanas.tasks import Task
 
+from ..batched import TaskFn, adapt_pure, query_stats
 from ..inner import InnerLoopConfig, adapt, query_loss
 from .base import MetaGradients, TaskwiseAlgorithm, first_support_loss
 
@@ -43,3 +44,16 @@ class Reptile(TaskwiseAlgorithm):
                 {n: alphas[n] - adapted.alphas[n] for n in alphas} if adapt_alphas else None
             )
         return MetaGradients(grads_w, grads_a, float(loss), float(acc), first_support_loss(adapted))
+
+    def task_fn(self, net: nn.Module, inner: InnerLoopConfig, adapt_alphas: bool) -> TaskFn:
+        """:meth:`task_gradients` as a pure function of one task's tensors (for ``vmap``)."""
+        temperature = inner.temperature(inner.steps)
+
+        def fn(w, a, support_x, support_y, query_x, query_y):
+            w_task, a_task, first = adapt_pure(net, w, a, support_x, support_y, inner, adapt_alphas)
+            loss, acc = query_stats(net, w_task, a_task, query_x, query_y, temperature)
+            grads_w = {n: w[n] - w_task[n] for n in w}
+            grads_a = {n: a[n] - a_task[n] for n in a} if adapt_alphas else {}
+            return grads_w, grads_a, loss, acc, first
+
+        return fn

@@ -17,7 +17,11 @@ from torch import Tensor
 
 from metanas.errors import ConfigError
 from metanas.search_space.network import SearchSpaceConfig, alpha_shapes, check_alphas
-from metanas.search_space.normalizer import node_offsets, normalize_alphas, normalize_edge_alphas
+from metanas.search_space.normalizer import (
+    node_offsets,
+    normalize_alphas,
+    normalize_edge_alphas,
+)
 
 __all__ = ["Genotype", "derive_genotype", "genotype_distance"]
 

@@ -38,6 +38,7 @@ from metanas.search_space.ops import (
     FactorizedReduce,
     ReLUConvBN,
     build_op,
+    is_plain,
     norm,
     resolve_ops,
 )
@@ -276,11 +277,27 @@ class MixedOp(nn.Module):
         super().__init__()
         self.ops = nn.ModuleList(build_op(name, C, stride) for name in ops)
 
-    def forward(self, x: Tensor, w: Tensor) -> Tensor:
-        """``x``: ``(B, C, H, W)``; ``w``: ``(n_ops,)`` -> ``(B, C, H', W')``."""
-        out = w[0] * self.ops[0](x)
-        for o in range(1, len(self.ops)):
-            out = out + w[o] * self.ops[o](x)
+    def forward(self, x: Tensor, w: Tensor, active: Sequence[bool] | None = None) -> Tensor:
+        """Weighted sum of the ops' outputs.
+
+        Args:
+            x: ``(B, C, H, W)``.
+            w: op weights, ``(n_ops,)``.
+            active: which ops to compute (None: all). An op left out must have a weight of
+                exactly 0 (soft pruning); the sum then equals the full one, and the op's
+                weights get exactly zero gradient either way.
+
+        Returns:
+            ``(B, C, H', W')``.
+        """
+        out = None
+        for o, op in enumerate(self.ops):
+            if active is not None and not active[o]:
+                continue
+            term = w[o] * op(x)
+            out = term if out is None else out + term
+        if out is None:
+            raise ValueError("MixedOp.forward: no active op; keep at least one op per edge")
         return out
 
 
@@ -294,15 +311,24 @@ class SearchCell(CellBase):
             MixedOp(spec.C, self.edge_stride(j), ops) for i in range(n_nodes) for j in range(2 + i)
         )
 
-    def forward(self, s0: Tensor, s1: Tensor, w: Tensor, beta: Tensor | None) -> Tensor:
+    def forward(
+        self,
+        s0: Tensor,
+        s1: Tensor,
+        w: Tensor,
+        beta: Tensor | None,
+        active: Sequence[Sequence[bool]] | None = None,
+    ) -> Tensor:
         """Args: cell inputs ``s0``, ``s1``; op weights ``w`` ``(n_edges, n_ops)``; normalised
-        edge weights ``beta`` ``(n_edges,)`` or None. Returns ``(B, n_nodes * C, H', W')``."""
+        edge weights ``beta`` ``(n_edges,)`` or None; ``active[e][o]``: compute op ``o`` of
+        edge ``e`` (None: every op; see :meth:`MixedOp.forward`).
+        Returns ``(B, n_nodes * C, H', W')``."""
         states = [self.preproc0(s0), self.preproc1(s1)]
         for off in node_offsets(self.n_nodes):
             node = None
             for j, h in enumerate(states):
                 e = off + j
-                term = self.edges[e](h, w[e])
+                term = self.edges[e](h, w[e], None if active is None else active[e])
                 term = term if beta is None else beta[e] * term
                 node = term if node is None else node + term
             states.append(node)
@@ -312,10 +338,20 @@ class SearchCell(CellBase):
 class SearchNetwork(nn.Module):
     """The supernet. Holds weights only (no buffers, no alphas).
 
+    With soft pruning (``cfg.prune_threshold > 0``) the ops whose normalised weight is exactly
+    zero are not computed at all: the mask of kept ops is read once per forward (one
+    ``.tolist()``) from the normalised alphas. The result and every gradient equal those of
+    computing the op and multiplying it by zero (the skipped ops' weights stay in the graph
+    with an exactly zero gradient). Under a ``torch.func`` transform (``vmap``)
+    the mask cannot be read in Python and every op is computed.
+
     Attributes:
         cfg: the :class:`SearchSpaceConfig` it was built from.
         stem, cells, classifier: submodules (see the module docstring for parameter names).
+        skip_pruned_ops: skip pruned ops (default True); False computes every op.
     """
+
+    skip_pruned_ops: bool = True
 
     def __init__(self, cfg: SearchSpaceConfig) -> None:
         super().__init__()
@@ -352,11 +388,38 @@ class SearchNetwork(nn.Module):
             else None
             for k in kinds
         }
+        active = {k: self._active_ops(w) for k, w in weights.items()}
         s0 = s1 = self.stem(x)
         for cell in self.cells:
             kind = "reduce" if cell.reduction else "normal"
-            s0, s1 = s1, cell(s0, s1, weights[kind], betas[kind])
-        return self.classifier(s1.mean(dim=(2, 3)))
+            s0, s1 = s1, cell(s0, s1, weights[kind], betas[kind], active[kind])
+        logits = self.classifier(s1.mean(dim=(2, 3)))
+        skipped = self._skipped_weights(active)
+        if skipped:
+            # keep the skipped ops' weights in the graph with an exactly zero gradient, as if
+            # their outputs had been multiplied by zero (callers may differentiate w.r.t. them)
+            logits = logits + 0.0 * torch.stack([p.sum() for p in skipped]).sum()
+        return logits
+
+    def _skipped_weights(self, active: Mapping[str, list[list[bool]] | None]) -> list[Tensor]:
+        """The parameters of the ops that ``active`` leaves out."""
+        out = []
+        for cell in self.cells:
+            mask = active["reduce" if cell.reduction else "normal"]
+            if mask is None:
+                continue
+            for e, edge in enumerate(cell.edges):
+                for o, op in enumerate(edge.ops):
+                    if not mask[e][o]:
+                        out.extend(op.parameters())
+        return out
+
+    def _active_ops(self, w: Tensor) -> list[list[bool]] | None:
+        """``(w != 0).tolist()`` for normalised op weights ``w`` ``(n_edges, n_ops)`` when
+        pruned ops can be skipped, else None (compute every op)."""
+        if not (self.skip_pruned_ops and self.cfg.prune_threshold > 0 and is_plain(w)):
+            return None
+        return (w != 0).tolist()
 
     def edge_index(self, node: int, input_idx: int) -> int:
         """Index of the edge into intermediate node ``node`` from state ``input_idx``."""

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from metanas.errors import ConfigError
 
-__all__ = ["anneal_temperature", "normalize_alphas", "normalize_edge_alphas", "node_offsets"]
+__all__ = ["anneal_temperature", "node_offsets", "normalize_alphas", "normalize_edge_alphas"]
 
 _MODES = ("linear", "exponential", "constant")
 
