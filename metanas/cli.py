@@ -8,18 +8,31 @@ run directory:
   result, wall time, architecture diversity, and the resolved config that produced them;
 - ``genotype.json``: the meta-architecture (genotype of the meta-alphas);
 - ``task_genotypes.json``: each meta-test task's accuracy and own genotype;
-- ``checkpoints/last.ckpt`` and ``checkpoints/best.ckpt``; ``train_log.csv``.
+- ``checkpoints/last.ckpt`` and ``checkpoints/best.ckpt``; ``train_log.csv``,
+  ``learning_curves.png`` (and ``tensorboard/`` with ``logger.tensorboard=true``);
+- ``status.json``: ``running`` (with host and process id) while the run is on, then ``ok``
+  or ``failed`` with the error message; ``metanas-report`` reads it.
 
 :func:`train` holds the logic and takes a plain ``DictConfig``; the decorated
 :func:`train_entry` only adds Hydra's command line and turns bad input into a one-line error
 and exit status 2. The function returns the best meta-validation accuracy (the test
 accuracy if validation is disabled), the value Hydra sweepers optimise.
+
+In a sweep (``metanas-train -m``) a job that fails is recorded as ``failed`` in its
+``status.json`` and returns NaN, so the other jobs of the sweep still run (an Optuna sweeper
+counts the trial as failed); a single run still exits with a non-zero status.
+
+Launched by ``torchrun --nproc_per_node=N metanas-train ...`` (see :mod:`metanas.distributed`)
+the processes split each meta-batch; rank 0 alone writes files and meta-tests.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -35,7 +48,14 @@ from omegaconf import DictConfig, OmegaConf
 from metanas.tasks import check_sampler
 
 from .checkpoint import atomic_write_text
+from .distributed import (
+    DEFAULT_TIMEOUT_S,
+    DistContext,
+    DistributedError,
+    init_distributed,
+)
 from .errors import ConfigError, MetaNASError
+from .logger import RunLogger
 from .search_space import SearchNetwork, derive_genotype, init_alphas
 from .trainer import MetaTrainer, TrainerConfig, resolve_device
 
@@ -68,10 +88,20 @@ def _resume_path(resume: str | None, run_dir: Path) -> Path | None:
     return Path(resume)
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path) -> MetaTrainer:
+def _multirun() -> bool:
+    """True inside a Hydra sweep (``-m``)."""
+    if not HydraConfig.initialized():
+        return False
+    return str(HydraConfig.get().mode) == "RunMode.MULTIRUN"
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, dist: DistContext | None = None) -> MetaTrainer:
     """Instantiate sampler, supernet, alphas, algorithm and optimisers from a config."""
+    dist = dist or DistContext()
     seed = int(cfg.seed)
     device = resolve_device(cfg.device)
+    if dist.enabled and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", dist.local_rank)  # one GPU per process
     sampler = check_sampler(_build(cfg.task, "the task sampler (task=...)"))
     make_space = _build(cfg.search_space, "the search space (search_space=...)")
     space = make_space(in_channels=sampler.input_shape[0], n_classes=sampler.n_way)
@@ -80,13 +110,23 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> MetaTrainer:
         torch.manual_seed(seed)
         net = SearchNetwork(space)
     alphas = init_alphas(space, generator=torch.Generator().manual_seed(seed))
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if trainer_kwargs.get("progress") is None and _multirun():
+        trainer_kwargs["progress"] = False  # sweeps log to files; no bars from parallel jobs
     try:
         trainer_cfg = TrainerConfig(
-            **OmegaConf.to_container(cfg.trainer, resolve=True),
+            **trainer_kwargs,
             meta_lr_schedule=cfg.optim.get("schedule", "constant"),
         )
     except TypeError as exc:  # an unknown key in a user's trainer preset
         raise ConfigError(f"bad trainer settings: {exc}; see metanas.trainer.TrainerConfig") from exc
+    logger_cfg = cfg.get("logger") or {}
+    logger = RunLogger(
+        run_dir,
+        tensorboard=bool(logger_cfg.get("tensorboard", False)),
+        curves=bool(logger_cfg.get("curves", True)),
+        enabled=dist.is_main,
+    )
     return MetaTrainer(
         net=net,
         alphas=alphas,
@@ -101,7 +141,16 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> MetaTrainer:
         seed=seed,
         device=device,
         config=OmegaConf.to_container(cfg, resolve=True),
+        dist=dist,
+        logger=logger,
     )
+
+
+def _write_status(run_dir: Path, status: str, **extra: Any) -> None:
+    """``status.json``: running / ok / failed, with host, process id and time."""
+    record = {"status": status, "host": socket.gethostname(), "pid": os.getpid(),
+              "time": time.time(), **extra}
+    atomic_write_text(run_dir / "status.json", json.dumps(record, indent=1) + "\n")
 
 
 def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
@@ -116,11 +165,33 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     """
     run_dir = Path(run_dir) if run_dir is not None else _run_dir()
     started = time.perf_counter()
-    trainer = build_trainer(cfg, run_dir)
+    dist_cfg = cfg.get("distributed") or {}
+    dist = init_distributed(
+        backend=str(dist_cfg.get("backend", "auto")),
+        timeout_s=float(dist_cfg.get("timeout_s", DEFAULT_TIMEOUT_S)),
+        device=resolve_device(cfg.device),
+    )
     try:
-        return _train(trainer, cfg, run_dir, started)
+        # every process works in rank 0's run dir (its checkpoint is the one to resume)
+        run_dir = Path(dist.broadcast_object(str(run_dir)))
+        if dist.is_main:
+            _write_status(run_dir, "running")
+        try:
+            trainer = build_trainer(cfg, run_dir, dist)
+            try:
+                objective = _train(trainer, cfg, run_dir, started)
+            finally:
+                trainer.close()
+        except BaseException as exc:
+            if dist.is_main:
+                status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+                _write_status(run_dir, status, error=f"{type(exc).__name__}: {exc}")
+            raise
+        if dist.is_main:
+            _write_status(run_dir, "ok", objective=objective)
+        return objective
     finally:
-        trainer.close()
+        dist.close()
 
 
 def _train(trainer: MetaTrainer, cfg: DictConfig, run_dir: Path, started: float) -> float:
@@ -131,10 +202,13 @@ def _train(trainer: MetaTrainer, cfg: DictConfig, run_dir: Path, started: float)
     if resume is not None:
         trainer.resume(resume)
     log.info(
-        "meta-training %s on %s for %d meta-steps (run dir %s)",
+        "meta-training %s on %s for %d meta-steps (run dir %s, process %d of %d)",
         trainer.algorithm, trainer.device, trainer.cfg.meta_steps, run_dir,
+        trainer.dist.rank + 1, trainer.dist.world_size,
     )
     best = trainer.fit()
+    if not trainer.dist.is_main:
+        return math.nan  # rank 0 meta-tests and writes the results
     result = trainer.test()
     _, alphas = trainer.best_parameters()
     genotype = derive_genotype(alphas, trainer.search_space)
@@ -173,16 +247,28 @@ def _train(trainer: MetaTrainer, cfg: DictConfig, run_dir: Path, started: float)
 
 @hydra.main(version_base="1.3", config_path="pkg://metanas.conf", config_name="train")
 def train_entry(cfg: DictConfig) -> float:
-    """``metanas-train``: Hydra command line around :func:`train`."""
+    """``metanas-train``: Hydra command line around :func:`train`.
+
+    A single run turns bad input into ``metanas-train: error: ...`` and exit status 2 (1 for
+    a failed process group). In a sweep a failing job is logged, marked ``failed`` in its
+    ``status.json`` and returns NaN, and the sweep goes on.
+    """
     try:
         return train(cfg)
-    except MetaNASError as exc:
+    except (MetaNASError, DistributedError) as exc:
         log.error("%s", exc)
+        if _multirun():
+            return math.nan
         print(f"metanas-train: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(2 if isinstance(exc, MetaNASError) else 1)
+    except Exception:
+        if not _multirun():
+            raise
+        log.exception("this job of the sweep failed")
+        return math.nan
 
 
-__all__ = ["train", "build_trainer", "train_entry"]
+__all__ = ["build_trainer", "train", "train_entry"]
 
 
 if __name__ == "__main__":

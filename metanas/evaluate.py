@@ -32,7 +32,12 @@ from metanas.tasks import Split, Task, TaskSampler
 from .functional import accuracy
 from .inner import Adapted, InnerLoopConfig, adapt, predict
 from .parallel import TaskPool
-from .search_space import Genotype, SearchSpaceConfig, derive_genotype, genotype_distance
+from .search_space import (
+    Genotype,
+    SearchSpaceConfig,
+    derive_genotype,
+    genotype_distance,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +65,8 @@ class EvalResult:
         ci95: half-width of its 95% confidence interval (same unit).
         n_tasks: number of tasks.
         accuracies: per-task query accuracies.
-        genotypes: per-task genotypes derived from the adapted alphas.
+        genotypes: per-task genotypes derived from the adapted alphas (empty for a
+            network without alphas, e.g. :class:`metanas.baselines.Conv4`).
         diversity: summary of how the task architectures differ (see :func:`diversity`).
     """
 
@@ -121,12 +127,14 @@ def _evaluate_task(
     inner: InnerLoopConfig,
     search_space: SearchSpaceConfig,
     transductive: bool,
-) -> tuple[float, Genotype]:
-    """Query accuracy and adapted genotype of one task."""
+) -> tuple[float, Genotype | None]:
+    """Query accuracy and adapted genotype of one task (None without alphas)."""
     adapted = adapt(net, weights, alphas, task.support_x, task.support_y, inner)
     with torch.no_grad():
         logits = predict_query(net, adapted, task, transductive)
         acc = float(accuracy(logits, task.query_y))
+    if not adapted.alphas:  # a fixed-architecture network (no alphas): no genotype
+        return acc, None
     return acc, derive_genotype(adapted.alphas, search_space, temperature=adapted.temperature)
 
 
@@ -172,9 +180,9 @@ def evaluate(
     pool = pool or TaskPool(net, 1)
     weights = {k: v.detach() for k, v in weights.items()}
     alphas = {k: v.detach() for k, v in alphas.items()}
-    reference = derive_genotype(alphas, search_space)
+    reference = derive_genotype(alphas, search_space) if alphas else None
 
-    def one(replica: nn.Module, task: Task) -> tuple[float, Genotype]:
+    def one(replica: nn.Module, task: Task) -> tuple[float, Genotype | None]:
         return _evaluate_task(replica, weights, alphas, task, inner, search_space, transductive)
 
     results: list[tuple[float, Genotype]] = []
@@ -186,9 +194,10 @@ def evaluate(
             results += pool.map(one, tasks)
             bar.update(count)
     accs = [acc for acc, _ in results]
-    genotypes = [g for _, g in results]
+    genotypes = [g for _, g in results if g is not None]
     mean, ci = mean_ci95(accs)
-    return EvalResult(mean, ci, n_tasks, tuple(accs), tuple(genotypes), diversity(genotypes, reference))
+    div = diversity(genotypes, reference) if genotypes else {}
+    return EvalResult(mean, ci, n_tasks, tuple(accs), tuple(genotypes), div)
 
 
-__all__ = ["EvalResult", "evaluate", "mean_ci95", "diversity", "predict_query"]
+__all__ = ["EvalResult", "diversity", "evaluate", "mean_ci95", "predict_query"]

@@ -9,13 +9,18 @@ Files written into ``run_dir``:
 
 - ``checkpoints/last.ckpt``: full state, every ``ckpt_every`` meta-steps and at the end;
 - ``checkpoints/best.ckpt``: the state with the best meta-validation accuracy so far;
-- ``train_log.csv``: one row per meta-step (losses, accuracies, learning rates, time).
+- ``train_log.csv``: one row per meta-step (losses, accuracies, learning rates, time);
+- ``learning_curves.png`` (and TensorBoard events if asked for): see :mod:`metanas.logger`.
+
+With several processes (:mod:`metanas.distributed`) every process draws the same meta-batch
+from the same generator and adapts its share of it; the meta-gradients are averaged over all
+processes, so the update equals that of one process with the whole meta-batch. Rank 0 alone
+validates, writes checkpoints and logs; the state is the same for any number of processes, so
+a run can be resumed with a different one.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import sys
 import time
@@ -32,11 +37,14 @@ from tqdm.auto import tqdm
 from metanas.tasks import TaskSampler, check_sampler
 
 from .algorithms import MetaAlgorithm
-from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from .algorithms.base import MetaGradients
+from .checkpoint import load_checkpoint, save_checkpoint
+from .distributed import DistContext
 from .errors import ConfigError
 from .evaluate import EvalResult, evaluate
 from .functional import weights_of
 from .inner import InnerLoopConfig
+from .logger import RunLogger
 from .parallel import TaskPool, default_workers
 from .search_space import SearchSpaceConfig
 
@@ -68,9 +76,10 @@ class TrainerConfig:
         test_inner_steps: inner steps at meta-validation/test time (None: as in training).
         transductive: batch statistics over the query set at evaluation (see evaluate.py).
         task_workers: threads that adapt the tasks of a meta-batch (and of an evaluation)
-            concurrently; 0 picks one per CPU core on CPU and 1 on an accelerator. Results
-            do not depend on it.
-        progress: show progress bars; None shows them when stderr is a terminal.
+            concurrently; 0 picks one per CPU core on CPU (shared among the processes on the
+            machine) and 1 on an accelerator. Results do not depend on it.
+        progress: show progress bars; None shows them when stderr is a terminal (the CLI
+            turns them off in sweeps). Only rank 0 shows them.
     """
 
     meta_steps: int = 1000
@@ -152,7 +161,9 @@ class MetaTrainer:
     Args:
         net: the supernet; its parameters are the meta-weights and are updated in place by
             the weights' meta-optimiser.
-        alphas: initial meta-alphas, name -> tensor (copied into parameters).
+        alphas: initial meta-alphas, name -> tensor (copied into parameters); empty for a
+            fixed-architecture network (e.g. :class:`metanas.baselines.Conv4`): then there is
+            no alpha meta-optimiser and evaluations derive no genotypes.
         sampler: task distribution with "train", "val" and "test" splits.
         algorithm: the outer loop (Reptile, FOMAML, MAML).
         inner: inner-loop settings.
@@ -164,6 +175,8 @@ class MetaTrainer:
         seed: seed of the task sequences.
         device: where to run.
         config: the resolved configuration, stored in checkpoints and metrics.
+        dist: the process group (default: a single process).
+        logger: where metrics go (default: CSV and learning curves in ``run_dir``, on rank 0).
     """
 
     def __init__(
@@ -182,11 +195,21 @@ class MetaTrainer:
         seed: int = 0,
         device: torch.device | str = "cpu",
         config: dict[str, Any] | None = None,
+        dist: DistContext | None = None,
+        logger: RunLogger | None = None,
     ) -> None:
         self.sampler = check_sampler(sampler)
+        self.dist = dist or DistContext()
+        if self.dist.world_size > cfg.meta_batch_size:
+            raise ConfigError(
+                f"{self.dist.world_size} processes but trainer.meta_batch_size={cfg.meta_batch_size}: "
+                "every process needs at least one task; use at most meta_batch_size processes"
+            )
         self.device = torch.device(device)
         self.net = net.to(self.device)
-        self.pool = TaskPool(self.net, cfg.task_workers or default_workers(self.device))
+        # processes on one machine share its cores: one task thread per core overall
+        workers = cfg.task_workers or max(1, default_workers(self.device) // self.dist.local_world_size)
+        self.pool = TaskPool(self.net, workers)
         self.alphas = {
             k: nn.Parameter(v.detach().clone().to(self.device)) for k, v in alphas.items()
         }
@@ -201,8 +224,10 @@ class MetaTrainer:
         self.seed = seed
         self.config = config or {}
         self.opt_weights = weights_optimizer(self.net.parameters())
-        self.opt_alphas = alphas_optimizer(self.alphas.values())
-        for opt in (self.opt_weights, self.opt_alphas):
+        # A fixed-architecture network (e.g. metanas.baselines.Conv4) has no alphas, hence no
+        # alpha optimiser; everything else runs unchanged.
+        self.opt_alphas = alphas_optimizer(self.alphas.values()) if self.alphas else None
+        for opt in self._optimizers():
             for group in opt.param_groups:
                 group.setdefault("initial_lr", group["lr"])
         self.rng = np.random.default_rng(seed)
@@ -210,10 +235,20 @@ class MetaTrainer:
         self.train_time = 0.0
         self.best: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
+        self.logger = logger or RunLogger(self.run_dir, enabled=self.dist.is_main)
+        self._sync_parameters()
 
     def close(self) -> None:
-        """Stop the task threads."""
+        """Stop the task threads and close the logger."""
         self.pool.close()
+        self.logger.close()
+
+    def _sync_parameters(self) -> None:
+        """Give every process rank 0's meta-weights and meta-alphas (no-op for one process)."""
+        self.dist.broadcast_([*self.weights.values(), *self.alphas.values()])
+
+    def _optimizers(self) -> list[torch.optim.Optimizer]:
+        return [o for o in (self.opt_weights, self.opt_alphas) if o is not None]
 
     # ----------------------------------------------------------------- state
     def _set_learning_rates(self) -> None:
@@ -221,7 +256,7 @@ class MetaTrainer:
         factor = 1.0
         if self.cfg.meta_lr_schedule == "linear" and self.cfg.meta_steps > 0:
             factor = max(0.0, 1.0 - self.step / self.cfg.meta_steps)
-        for opt in (self.opt_weights, self.opt_alphas):
+        for opt in self._optimizers():
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] * factor
 
@@ -238,7 +273,7 @@ class MetaTrainer:
             "weights": {k: v.detach().cpu() for k, v in self.weights.items()},
             "alphas": {k: v.detach().cpu() for k, v in self.alphas.items()},
             "opt_weights": self.opt_weights.state_dict(),
-            "opt_alphas": self.opt_alphas.state_dict(),
+            "opt_alphas": self.opt_alphas.state_dict() if self.opt_alphas is not None else None,
             "rng_tasks": self.rng.bit_generator.state,
             "rng_torch": torch.get_rng_state(),
             "train_time": self.train_time,
@@ -255,7 +290,8 @@ class MetaTrainer:
             for name, p in self.alphas.items():
                 p.copy_(state["alphas"][name])
         self.opt_weights.load_state_dict(state["opt_weights"])
-        self.opt_alphas.load_state_dict(state["opt_alphas"])
+        if self.opt_alphas is not None:
+            self.opt_alphas.load_state_dict(state["opt_alphas"])
         self.rng.bit_generator.state = state["rng_tasks"]
         torch.set_rng_state(state["rng_torch"].cpu())
         self.step = int(state["step"])
@@ -271,6 +307,7 @@ class MetaTrainer:
         """
         state = load_checkpoint(path, self.search_space.to_dict(), self.device)
         self.load_state_dict(state)
+        self._sync_parameters()
         changed = _config_differences(state.get("config") or {}, self.config)
         if changed:
             log.warning("resuming with settings that differ from the checkpoint: %s", ", ".join(changed))
@@ -281,41 +318,38 @@ class MetaTrainer:
         return self.run_dir / "checkpoints"
 
     def save(self, name: str = "last.ckpt") -> Path:
-        """Write the full state atomically to ``run_dir/checkpoints/<name>``."""
+        """Write the full state atomically to ``run_dir/checkpoints/<name>`` (rank 0 only)."""
         path = self.checkpoint_dir / name
-        save_checkpoint(path, self.state_dict())
+        if self.dist.is_main:
+            save_checkpoint(path, self.state_dict())
         return path
 
     def _write_log(self) -> None:
-        if not self.history:
-            return
-        columns = list(dict.fromkeys(k for row in self.history for k in row))
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(self.history)
-        atomic_write_text(self.run_dir / "train_log.csv", buf.getvalue())
+        self.logger.write(self.history)
 
     # ------------------------------------------------------------------ loop
     def _progress(self) -> bool:
+        if not self.dist.is_main:
+            return False
         if self.cfg.progress is None:
             return sys.stderr.isatty()
         return self.cfg.progress
 
     def meta_step(self) -> dict[str, float]:
         """One outer-loop update on a fresh meta-batch; returns its statistics."""
-        tasks = [
-            self.sampler.sample("train", self.rng).to(self.device)
-            for _ in range(self.cfg.meta_batch_size)
-        ]
+        # every process draws the whole meta-batch (keeps the generators in step) and keeps its share
+        tasks = [self.sampler.sample("train", self.rng) for _ in range(self.cfg.meta_batch_size)]
+        tasks = [t.to(self.device) for t in self.dist.shard(tasks)]
         self._set_learning_rates()
-        adapt_alphas = self.step >= self.cfg.alpha_warmup_steps
+        adapt_alphas = bool(self.alphas) and self.step >= self.cfg.alpha_warmup_steps
         grads = self.algorithm.meta_gradients(
             self.net, self.weights, self.alphas, tasks, self.inner,
             adapt_alphas=adapt_alphas, pool=self.pool,
         )
+        if self.dist.enabled:
+            grads = self._average_over_processes(grads, len(tasks))
         _apply(self.opt_weights, self.weights, grads.weights)
-        if grads.alphas is not None:
+        if grads.alphas is not None and self.opt_alphas is not None:
             _apply(self.opt_alphas, self.alphas, grads.alphas)
         row = {
             "step": float(self.step + 1),
@@ -323,10 +357,24 @@ class MetaTrainer:
             "query_loss": grads.query_loss,
             "query_accuracy": grads.query_accuracy,
             "lr_weights": self.opt_weights.param_groups[0]["lr"],
-            "lr_alphas": self.opt_alphas.param_groups[0]["lr"],
+            "lr_alphas": self.opt_alphas.param_groups[0]["lr"] if self.opt_alphas else 0.0,
         }
         self.step += 1
         return row
+
+    def _average_over_processes(self, grads: MetaGradients, n_local: int) -> MetaGradients:
+        """Average of the processes' meta-gradients, each weighted by its number of tasks."""
+        stats = ("query_loss", "query_accuracy", "support_loss")
+        named = {f"w/{k}": v for k, v in grads.weights.items()}
+        if grads.alphas is not None:
+            named.update({f"a/{k}": v for k, v in grads.alphas.items()})
+        named.update({f"s/{k}": torch.tensor(getattr(grads, k), dtype=torch.float64) for k in stats})
+        mean = self.dist.all_reduce_mean(named, weight=float(n_local))
+        return MetaGradients(
+            weights={k: mean[f"w/{k}"] for k in grads.weights},
+            alphas=None if grads.alphas is None else {k: mean[f"a/{k}"] for k in grads.alphas},
+            **{k: float(mean[f"s/{k}"]) for k in stats},
+        )
 
     def validate(self, n_tasks: int | None = None) -> EvalResult:
         """Meta-validate the current meta-parameters on a fixed sequence of val tasks."""
@@ -360,10 +408,13 @@ class MetaTrainer:
                 self.train_time = time.perf_counter() - started
                 row["time_s"] = self.train_time
                 recent = (recent + [row["query_accuracy"]])[-cfg.log_every :]
-                if cfg.val_every and (self.step % cfg.val_every == 0 or self.step == cfg.meta_steps):
+                # rank 0 validates; the others wait for it in the next collective
+                if (cfg.val_every and self.dist.is_main
+                        and (self.step % cfg.val_every == 0 or self.step == cfg.meta_steps)):
                     self._validate_and_keep_best(row)
                     self.train_time = time.perf_counter() - started
                 self.history.append(row)
+                self.logger.log_step(row)
                 bar.update(1)
                 bar.set_postfix(acc=f"{np.mean(recent):.3f}", best_val=self.best.get("val_accuracy"))
                 if self.step % cfg.log_every == 0:
@@ -402,4 +453,4 @@ class MetaTrainer:
         return self._evaluate("test", n_tasks or self.cfg.n_test_tasks, TEST_SEED, weights, alphas)
 
 
-__all__ = ["TrainerConfig", "MetaTrainer", "resolve_device"]
+__all__ = ["MetaTrainer", "TrainerConfig", "resolve_device"]

@@ -29,7 +29,7 @@ class RandomTasks:
 INNER = InnerLoopConfig(steps=2, lr_weights=0.1, lr_alphas=0.2)
 
 
-def make_trainer(tmp_path, algorithm=None, meta_lr=0.5, seed=0, **cfg):
+def make_trainer(tmp_path, algorithm=None, meta_lr=0.5, seed=0, logger=None, **cfg):
     space = tiny_space()
     torch.manual_seed(0)
     net = SearchNetwork(space)
@@ -42,7 +42,7 @@ def make_trainer(tmp_path, algorithm=None, meta_lr=0.5, seed=0, **cfg):
     return MetaTrainer(
         net=net, alphas=alphas, sampler=RandomTasks(), algorithm=algorithm or Reptile(),
         inner=INNER, weights_optimizer=opt, alphas_optimizer=opt, search_space=space,
-        cfg=TrainerConfig(**defaults), run_dir=tmp_path, seed=seed,
+        cfg=TrainerConfig(**defaults), run_dir=tmp_path, seed=seed, logger=logger,
     )
 
 
