@@ -10,17 +10,38 @@ Public API:
 * :func:`sample_task`: generic vectorised N-way K-shot Q-query composition over an array of
   per-class examples, for custom samplers.
 * :class:`OmniglotTasks`: Omniglot from the embedded, offline ``omniglot.npz``.
+* :class:`ImageFolderTasks`: any folder of class sub-folders of images.
+* :class:`MiniImageNetTasks`: miniImageNet (split CSVs + images, or pickled arrays).
+* :class:`TasksetAdapter`, :class:`DatasetTasks`: learn2learn-style tasksets and
+  ``torch.utils.data.Dataset`` s of ``(x, y)`` pairs.
 """
 
-from .base import SPLITS, Split, Task, TaskSampler, check_sampler, sample_task
+from .adapters import DatasetTasks, TasksetAdapter
+from .base import (
+    SPLITS,
+    Split,
+    Task,
+    TaskSampler,
+    check_sampler,
+    sample_task,
+    sample_task_ragged,
+)
+from .image_folder import ImageFolderTasks, load_image_folder
+from .miniimagenet import MiniImageNetTasks
 from .omniglot import OmniglotTasks
 
 __all__ = [
     "SPLITS",
+    "DatasetTasks",
+    "ImageFolderTasks",
+    "MiniImageNetTasks",
     "OmniglotTasks",
     "Split",
     "Task",
     "TaskSampler",
+    "TasksetAdapter",
     "check_sampler",
+    "load_image_folder",
     "sample_task",
+    "sample_task_ragged",
 ]

@@ -36,6 +36,7 @@ __all__ = [
     "check_split",
     "draw_episode",
     "sample_task",
+    "sample_task_ragged",
 ]
 
 Split = Literal["train", "val", "test"]
@@ -322,7 +323,6 @@ def sample_task(
         batch = transform(batch, chosen)
     if batch.ndim == 4:
         batch = batch[:, :, None]  # (n_way, k+q, 1, H, W)
-    item = batch.shape[2:]
     # Small numpy ops cost ~1 us each against ~10 us for torch ops on tiny tensors, so build
     # everything in numpy and wrap it with torch.from_numpy (zero-copy) at the end.
     if batch.dtype == np.uint8:
@@ -331,6 +331,14 @@ def sample_task(
     else:
         support = np.array(batch[:, :k_shot], dtype=np.float32)
         query = np.array(batch[:, k_shot:], dtype=np.float32)
+    return _make_task(support, query, chosen, n_way, k_shot, q_query)
+
+
+def _make_task(
+    support: np.ndarray, query: np.ndarray, chosen: np.ndarray, n_way: int, k_shot: int, q_query: int
+) -> Task:
+    """Wrap float32 arrays ``(n_way, k_shot, *item)`` / ``(n_way, q_query, *item)`` in a Task."""
+    item = support.shape[2:]
     labels = np.arange(n_way, dtype=np.int64)
     return Task(
         support_x=torch.from_numpy(support.reshape(n_way * k_shot, *item)),
@@ -338,4 +346,69 @@ def sample_task(
         query_x=torch.from_numpy(query.reshape(n_way * q_query, *item)),
         query_y=torch.from_numpy(labels.repeat(q_query)),
         classes=tuple(chosen.tolist()),
+    )
+
+
+def sample_task_ragged(
+    images: np.ndarray,
+    class_rows: dict[int, np.ndarray] | list[np.ndarray],
+    class_ids: np.ndarray,
+    n_way: int,
+    k_shot: int,
+    q_query: int,
+    rng: np.random.Generator,
+    scale: float | None = None,
+    mean: np.ndarray | None = None,
+    std: np.ndarray | None = None,
+) -> Task:
+    """Compose one N-way K-shot Q-query task when classes have different numbers of examples.
+
+    ``n_way`` distinct classes are drawn from ``class_ids`` in random order (the labelling),
+    then ``k_shot + q_query`` distinct examples of each; the first ``k_shot`` go to the support
+    set. The random draws are: one ``rng.choice`` of the classes, then one ``rng.permutation``
+    per chosen class, in label order.
+
+    Args:
+        images: all examples, ``(n_examples, C, H, W)`` (any dtype).
+        class_rows: ``class_rows[c]`` is the int array of rows of ``images`` of class ``c``.
+        class_ids: int array ``(n_pool,)``, the classes to draw from.
+        n_way, k_shot, q_query: the episode's shape.
+        rng: the only source of randomness.
+        scale: multiply the examples by this (e.g. ``1/255`` for uint8); None: keep values.
+        mean, std: optional per-channel ``(C,)`` normalisation applied after ``scale``.
+
+    Returns:
+        The :class:`Task`; ``classes[label]`` is the class id.
+
+    Raises:
+        ConfigError: fewer than ``n_way`` classes in the pool, or a chosen class with fewer
+            than ``k_shot + q_query`` examples.
+    """
+    class_ids = np.asarray(class_ids)
+    if n_way > len(class_ids):
+        raise ConfigError(
+            f"n_way={n_way} but the class pool has only {len(class_ids)} classes; lower n_way "
+            "or give this split more classes"
+        )
+    n_per_class = k_shot + q_query
+    chosen = class_ids[rng.choice(len(class_ids), size=n_way, replace=False)]
+    rows = []
+    for c in chosen.tolist():
+        pool = np.asarray(class_rows[c])
+        if len(pool) < n_per_class:
+            raise ConfigError(
+                f"class {c} has {len(pool)} examples but k_shot + q_query = {n_per_class}; "
+                "lower k_shot or q_query"
+            )
+        rows.append(pool[rng.permutation(len(pool))[:n_per_class]])
+    batch = np.asarray(images[np.stack(rows)], dtype=np.float32)  # (n_way, k+q, C, H, W)
+    if scale is not None:
+        batch *= np.float32(scale)
+    if mean is not None:
+        batch -= np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
+    if std is not None:
+        batch /= np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
+    return _make_task(
+        np.ascontiguousarray(batch[:, :k_shot]), np.ascontiguousarray(batch[:, k_shot:]),
+        chosen, n_way, k_shot, q_query,
     )

@@ -1,0 +1,323 @@
+"""``metanas-adapt``: adapt a meta-trained checkpoint to new data and export the task's model.
+
+Two modes (``conf/adapt.yaml``):
+
+* **your task** (``support=<folder of class sub-folders>``, optional ``query=<folder>``):
+  adapts weights and alphas on the support images, derives the task's genotype, builds its
+  discrete network and writes ``genotype.json``, ``cells.png``, ``metrics.json``,
+  ``predictions.csv`` (for a query folder: file, predicted class, class probabilities, and
+  the true class when the query folder has class sub-folders, in which case ``metrics.json``
+  holds the accuracy with its 95% Wilson interval), ``model.pt`` (TorchScript), ``model.onnx``
+  and ``model_info.json`` (parameters, FLOPs per image, input description, class names).
+* **sampled tasks** (``data=<image folder>`` or ``task=<sampler config>``, ``n_tasks=N``):
+  accuracy of the adapted supernet and of the discrete task networks, mean and 95% interval
+  over the tasks, in ``metrics.json``; every task's genotype in ``task_genotypes.json``; the
+  meta-architecture in ``genotype.json`` and ``cells.png``.
+
+Everything is computed before anything is written, and every file is written atomically; bad
+input ends with ``metanas-adapt: error: <what and how to fix it>`` and exit status 2.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from metanas.tasks import ImageFolderTasks, check_sampler
+from metanas.tasks.image_folder import (
+    is_image_file,
+    load_image_folder,
+    load_images,
+    pixel_normalisation,
+)
+
+from .adaptation import (
+    AdaptedTask,
+    MetaModel,
+    adapt_support,
+    check_fits,
+    evaluate_tasks,
+    load_meta_model,
+    wilson_ci95,
+)
+from .checkpoint import atomic_write_bytes, atomic_write_text
+from .cli import _build
+from .draw import draw_genotype
+from .errors import ConfigError, DataError, MetaNASError
+from .export import (
+    StandaloneClassifier,
+    count_flops,
+    count_parameters,
+    onnx_bytes,
+    torchscript_bytes,
+)
+from .parallel import default_workers
+from .trainer import resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def _out_dir(cfg: DictConfig) -> Path:
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path(cfg.out)
+
+
+class _Pixels:
+    """uint8 images -> float32 tensors with the configured normalisation."""
+
+    def __init__(self, channels: int, cfg: DictConfig) -> None:
+        mean = None if cfg.mean is None else list(cfg.mean)
+        std = None if cfg.std is None else list(cfg.std)
+        self.scale, self.shift, self.std = pixel_normalisation(channels, bool(cfg.invert), mean, std)
+
+    def __call__(self, images: np.ndarray, device: torch.device) -> torch.Tensor:
+        x = images.astype(np.float32) / np.float32(255)
+        c = (-1, 1, 1)
+        x = (x * self.scale.reshape(c) - self.shift.reshape(c)) / self.std.reshape(c)
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
+
+
+def _load_model(cfg: DictConfig, device: torch.device) -> MetaModel:
+    if OmegaConf.is_missing(cfg, "checkpoint") or cfg.checkpoint in (None, ""):
+        raise ConfigError("no checkpoint given; pass checkpoint=<run dir>/checkpoints/best.ckpt")
+    inner = OmegaConf.to_container(cfg.inner, resolve=True) if cfg.inner is not None else {}
+    return load_meta_model(cfg.checkpoint, device, inner)
+
+
+def _image_size(cfg: DictConfig, model: MetaModel) -> int:
+    return int(cfg.image_size or model.image_size or 28)
+
+
+# ----------------------------------------------------------------------------- mode A
+def _support(cfg: DictConfig, model: MetaModel, size: int):
+    channels = model.space.in_channels
+    data = load_image_folder(cfg.support, size, channels, cache=False, what="support folder")
+    check_fits(model, (channels, size, size), len(data.class_names), f"support folder {cfg.support}")
+    rows = data.rows_of()
+    if cfg.k_shot is not None:
+        k = int(cfg.k_shot)
+        small = [(n, len(r)) for n, r in zip(data.class_names, rows) if len(r) < k]
+        if small:
+            raise DataError(
+                f"support folder {cfg.support}: class(es) {small} have fewer than k_shot={k} "
+                "images; add images or lower k_shot (k_shot=null uses every image)"
+            )
+        rows = [r[:k] for r in rows]
+    index = np.concatenate(rows)
+    return data.images[index], data.labels[index], data.class_names
+
+
+def _query(cfg: DictConfig, size: int, channels: int, class_names: tuple[str, ...]):
+    """(images, labels or None, file names) of the query folder."""
+    root = Path(cfg.query).expanduser()
+    if not root.is_dir():
+        raise DataError(f"query folder {root} does not exist; pass query=<folder of images>")
+    if any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir()):
+        data = load_image_folder(root, size, channels, cache=False, what="query folder")
+        unknown = sorted(set(data.class_names) - set(class_names))
+        if unknown:
+            raise DataError(
+                f"query folder {root} has class folder(s) {unknown} that the support set does not "
+                f"have ({list(class_names)}); name query class folders like the support ones"
+            )
+        remap = np.array([class_names.index(n) for n in data.class_names])
+        return data.images, remap[data.labels], list(data.files)
+    files = sorted(p for p in root.iterdir() if is_image_file(p))
+    if not files:
+        raise DataError(f"query folder {root} holds no images; put the images to classify there")
+    return load_images(files, size, channels), None, [f.name for f in files]
+
+
+def _export(task: AdaptedTask, pixels: _Pixels, channels: int, size: int, class_names, cfg) -> dict[str, Any]:
+    model = StandaloneClassifier(
+        task.discrete, channels, scale=pixels.scale.tolist(), shift=pixels.shift.tolist(),
+        std=pixels.std.tolist(),
+    ).cpu()
+    example = torch.rand(4, channels, size, size, generator=torch.Generator().manual_seed(0))
+    info = {
+        "class_names": list(class_names),
+        "input": {"shape": [channels, size, size], "range": [0.0, 1.0],
+                  "normalisation": {"scale": pixels.scale.tolist(), "shift": pixels.shift.tolist(),
+                                    "std": pixels.std.tolist()},
+                  "note": "batch statistics: classify several images in one batch"},
+        "genotype": task.genotype.to_dict(),
+        "parameters": count_parameters(model),
+        "flops_per_image": count_flops(model, example),
+    }
+    files = {}
+    if cfg.export:
+        files["model.pt"] = torchscript_bytes(model, example, info)
+        try:
+            import onnx  # noqa: F401 - only to know whether the ONNX exporter can run
+
+            files["model.onnx"] = onnx_bytes(model, example)
+        except ImportError:
+            log.warning("onnx is not installed: model.onnx skipped (pip install 'metanas[export]')")
+    return {"info": info, "files": files}
+
+
+def _mode_support(cfg: DictConfig, model: MetaModel, device: torch.device) -> tuple[dict, dict[str, bytes]]:
+    size = _image_size(cfg, model)
+    channels = model.space.in_channels
+    images, labels, class_names = _support(cfg, model, size)
+    pixels = _Pixels(channels, cfg)
+    sx, sy = pixels(images, device), torch.from_numpy(labels).to(device)
+    query = _query(cfg, size, channels, class_names) if cfg.query is not None else None
+    task = adapt_support(model, sx, sy, int(cfg.finetune_steps))
+    metrics: dict[str, Any] = {
+        "mode": "support", "checkpoint": str(model.path), "support": str(cfg.support),
+        "class_names": list(class_names), "support_images": len(labels),
+        "image_size": size, "inner_steps": model.inner.steps, "finetune_steps": int(cfg.finetune_steps),
+    }
+    files: dict[str, bytes] = {}
+    with torch.no_grad():
+        metrics["support_accuracy"] = float((task.discrete_logits(sx).argmax(-1) == sy).float().mean())
+    if query is not None:
+        q_images, q_labels, q_files = query
+        qx = pixels(q_images, device)
+        probs = torch.softmax(task.discrete_logits(qx), -1).cpu()
+        pred = probs.argmax(-1).numpy()
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(["file", "predicted", *[f"p_{c}" for c in class_names],
+                         *(["label"] if q_labels is not None else [])])
+        for i, f in enumerate(q_files):
+            writer.writerow([f, class_names[pred[i]], *[f"{p:.6f}" for p in probs[i].tolist()],
+                             *([class_names[q_labels[i]]] if q_labels is not None else [])])
+        files["predictions.csv"] = buf.getvalue().encode()
+        metrics["query"] = str(cfg.query)
+        metrics["query_images"] = len(q_files)
+        if q_labels is not None:
+            sup_pred = task.supernet_logits(model, qx).argmax(-1).cpu().numpy()
+            for name, p in (("discrete", pred), ("supernet", sup_pred)):
+                acc, low, high = wilson_ci95(int((p == q_labels).sum()), len(q_labels))
+                metrics[name] = {"accuracy": acc, "ci95_low": low, "ci95_high": high,
+                                 "ci95": (high - low) / 2, "interval": "wilson"}
+            metrics["accuracy"] = metrics["discrete"]["accuracy"]
+    exported = _export(task, pixels, channels, size, class_names, cfg)
+    files.update(exported["files"])
+    files["model_info.json"] = json.dumps(exported["info"], indent=2).encode()
+    metrics["parameters"] = exported["info"]["parameters"]
+    metrics["flops_per_image"] = exported["info"]["flops_per_image"]
+    files["genotype.json"] = (task.genotype.to_json() + "\n").encode()
+    files["cells.png"] = draw_genotype(task.genotype, title="task architecture")
+    return metrics, files
+
+
+# ----------------------------------------------------------------------------- mode B
+def _mode_sampled(cfg: DictConfig, model: MetaModel, device: torch.device) -> tuple[dict, dict[str, bytes]]:
+    if cfg.get("task") is not None and cfg.data is not None:
+        raise ConfigError("give either data=<image folder> or task=<sampler config>, not both")
+    if cfg.data is not None:
+        size = _image_size(cfg, model)
+        sampler = ImageFolderTasks(
+            cfg.data, n_way=model.space.n_classes, k_shot=int(cfg.k_shot or 1),
+            q_query=int(cfg.q_query), image_size=size, channels=model.space.in_channels,
+            split_fractions=[0.0, 0.0, 1.0], invert=bool(cfg.invert),
+            mean=None if cfg.mean is None else list(cfg.mean),
+            std=None if cfg.std is None else list(cfg.std),
+        )
+        split, what = "test", f"image folder {cfg.data}"
+    else:
+        sampler = check_sampler(_build(cfg.task, "the task sampler (task=...)"))
+        split, what = str(cfg.split), f"task sampler {type(sampler).__name__}"
+    check_fits(model, tuple(sampler.input_shape), int(sampler.n_way), what)
+    workers = default_workers(device)
+    if workers > 1 and device.type == "cpu":
+        # one thread per task instead of several per kernel (see metanas.parallel)
+        torch.set_num_threads(max(1, torch.get_num_threads() // workers))
+    result = evaluate_tasks(model, sampler, split, int(cfg.n_tasks),
+                            np.random.default_rng(int(cfg.seed)), int(cfg.finetune_steps), device,
+                            workers=workers)
+    genotypes = result.pop("genotypes")
+    accs = result.pop("accuracies")
+    meta = model.genotype
+    metrics = {
+        "mode": "sampled", "checkpoint": str(model.path), "dataset": what, "split": split,
+        "n_way": sampler.n_way, "k_shot": sampler.k_shot, "q_query": sampler.q_query,
+        "inner_steps": model.inner.steps, "finetune_steps": int(cfg.finetune_steps),
+        "accuracy": result["discrete"]["accuracy"], "ci95": result["discrete"]["ci95"],
+        **result, "interval": "normal approximation over tasks",
+        "changed_share": float(np.mean([g != meta for g in genotypes])),
+        "unique_genotypes": len({g.to_json() for g in genotypes}),
+    }
+    files = {
+        "task_genotypes.json": json.dumps(
+            [{"task": i, "supernet_accuracy": a, "discrete_accuracy": d, "genotype": g.to_dict()}
+             for i, (a, d, g) in enumerate(zip(accs["supernet"], accs["discrete"], genotypes))],
+            indent=1).encode(),
+        "genotype.json": (meta.to_json() + "\n").encode(),
+        "cells.png": draw_genotype(meta, title="meta-architecture"),
+    }
+    return metrics, files
+
+
+def adapt_command(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Run ``metanas-adapt`` on a composed ``adapt`` config; returns the metrics written.
+
+    Raises:
+        MetaNASError: bad input (nothing is written then).
+    """
+    out = Path(out_dir) if out_dir is not None else _out_dir(cfg)
+    device = resolve_device(cfg.device)
+    model = _load_model(cfg, device)
+    if cfg.support is not None:
+        if cfg.data is not None or cfg.get("task") is not None:
+            raise ConfigError("support= adapts to your own task; do not combine it with data= or task=")
+        metrics, files = _mode_support(cfg, model, device)
+    elif cfg.data is not None or cfg.get("task") is not None:
+        if cfg.query is not None:
+            raise ConfigError("query= needs support= (the labelled images to adapt to)")
+        metrics, files = _mode_sampled(cfg, model, device)
+    else:
+        raise ConfigError(
+            "nothing to adapt to: pass support=<folder of class sub-folders> (your task), or "
+            "data=<image folder> / task=<sampler config> with n_tasks=N (accuracy over tasks)"
+        )
+    for name, data in files.items():
+        atomic_write_bytes(out / name, data)
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def _summary(metrics: dict[str, Any], out: Path) -> str:
+    if "discrete" in metrics:
+        d, s = metrics["discrete"], metrics["supernet"]
+        return (f"accuracy {100 * d['accuracy']:.2f} +- {100 * d['ci95']:.2f} % (task network), "
+                f"{100 * s['accuracy']:.2f} +- {100 * s['ci95']:.2f} % (adapted supernet); results in {out}")
+    return f"adapted to {metrics['support_images']} support images; results in {out}"
+
+
+@hydra.main(version_base="1.3", config_path="pkg://metanas.conf", config_name="adapt")
+def _main(cfg: DictConfig) -> None:
+    try:
+        metrics = adapt_command(cfg)
+    except MetaNASError as exc:
+        log.error("%s", exc)
+        print(f"metanas-adapt: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print(_summary(metrics, _out_dir(cfg)))
+
+
+def adapt_entry() -> None:
+    """Console script ``metanas-adapt``."""
+    _main()
+
+
+__all__ = ["adapt_command", "adapt_entry"]
+
+
+if __name__ == "__main__":
+    adapt_entry()

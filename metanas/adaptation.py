@@ -1,0 +1,299 @@
+"""Few-shot adaptation of a meta-trained checkpoint to a user's own data (no Hydra here).
+
+Pipeline for one task: load the meta-model (:func:`load_meta_model`), check the data fits it
+(:func:`check_fits`), adapt weights and alphas on the labelled support set with the
+checkpoint's inner loop (:func:`adapt_support`), derive the task's genotype from the adapted
+alphas, and build the task's :class:`~metanas.search_space.DiscreteNetwork` inheriting the
+adapted supernet weights. That discrete network is the model a user takes away (see
+:mod:`metanas.export`); its predictions are what ``predictions.csv`` reports. The adapted
+supernet (the soft mixture of all ops) is evaluated alongside, so the cost of discretising is
+visible.
+
+Both networks normalise with batch statistics: query images are classified in one batch
+(the transductive protocol of MAML and MetaNAS).
+
+Confidence intervals: over query images of one task, the Wilson score interval of a binomial
+proportion (:func:`wilson_ci95`; better than the normal approximation near 0 or 1 and for few
+images); over sampled tasks, the normal approximation over per-task accuracies
+(:func:`metanas.evaluate.mean_ci95`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from metanas.tasks import Split, TaskSampler
+
+from .checkpoint import load_checkpoint
+from .errors import CheckpointError, ConfigError
+from .evaluate import mean_ci95
+from .inner import Adapted, InnerLoopConfig, adapt, predict
+from .parallel import TaskPool, default_workers
+from .search_space import (
+    DiscreteNetwork,
+    Genotype,
+    SearchNetwork,
+    SearchSpaceConfig,
+    derive_genotype,
+)
+
+__all__ = [
+    "AdaptedTask",
+    "MetaModel",
+    "adapt_support",
+    "check_fits",
+    "evaluate_tasks",
+    "load_meta_model",
+    "wilson_ci95",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, eq=False)
+class MetaModel:
+    """A meta-trained supernet ready for adaptation.
+
+    Attributes:
+        net: the supernet (its own parameters are not used; weights are passed explicitly).
+        weights: meta-weights, name -> tensor.
+        alphas: meta-alphas, name -> tensor.
+        space: the search space it was built with.
+        inner: the inner loop to adapt with (the checkpoint's, unless overridden).
+        image_size: the image side length it was meta-trained on, if the checkpoint records it.
+        path: the checkpoint file.
+    """
+
+    net: SearchNetwork
+    weights: dict[str, Tensor]
+    alphas: dict[str, Tensor]
+    space: SearchSpaceConfig
+    inner: InnerLoopConfig
+    image_size: int | None
+    path: Path
+
+    @property
+    def genotype(self) -> Genotype:
+        """The meta-architecture (genotype of the meta-alphas)."""
+        return derive_genotype(self.alphas, self.space)
+
+
+def _inner_from_config(config: Mapping[str, Any]) -> InnerLoopConfig:
+    node = dict(config.get("inner") or {})
+    known = {f.name for f in fields(InnerLoopConfig)}
+    kwargs = {k: v for k, v in node.items() if k in known}
+    if "betas" in kwargs:
+        kwargs["betas"] = tuple(kwargs["betas"])
+    cfg = InnerLoopConfig(**kwargs)
+    test_steps = (config.get("trainer") or {}).get("test_inner_steps")
+    return cfg if test_steps is None else replace(cfg, steps=int(test_steps))
+
+
+def load_meta_model(
+    path: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    inner_overrides: Mapping[str, Any] | None = None,
+) -> MetaModel:
+    """Load a checkpoint written by ``metanas-train`` for adaptation.
+
+    Args:
+        path: the ``.ckpt`` file.
+        device: where to put the tensors.
+        inner_overrides: inner-loop settings to change (e.g. ``{"steps": 10}``); None values
+            are ignored.
+
+    Raises:
+        CheckpointError: missing, corrupt or inconsistent checkpoint.
+        ConfigError: a bad override.
+    """
+    state = load_checkpoint(path, None, device)
+    try:
+        space = SearchSpaceConfig.from_dict(state["search_space"])
+    except (ConfigError, TypeError) as exc:
+        raise CheckpointError(
+            f"checkpoint {path} holds a search space this metanas cannot build ({exc}); use "
+            "a checkpoint written by metanas-train (a conv-4 baseline checkpoint has no alphas)"
+        ) from exc
+    net = SearchNetwork(space).to(device)
+    expected = dict(net.named_parameters())
+    weights = {k: v.to(device) for k, v in state["weights"].items()}
+    if set(weights) != set(expected) or any(weights[k].shape != expected[k].shape for k in expected):
+        raise CheckpointError(
+            f"checkpoint {path}: its weights do not match its own search space; the file is "
+            "damaged or was edited: use another checkpoint"
+        )
+    config = state.get("config") or {}
+    inner = _inner_from_config(config)
+    overrides = {k: v for k, v in (inner_overrides or {}).items() if v is not None}
+    if overrides:
+        unknown = sorted(set(overrides) - {f.name for f in fields(InnerLoopConfig)})
+        if unknown:
+            raise ConfigError(f"unknown inner-loop setting(s) {unknown}; see metanas.inner.InnerLoopConfig")
+        inner = replace(inner, **overrides)
+    image_size = (config.get("task") or {}).get("image_size")
+    return MetaModel(
+        net=net,
+        weights=weights,
+        alphas={k: v.to(device) for k, v in state["alphas"].items()},
+        space=space,
+        inner=inner,
+        image_size=int(image_size) if image_size else None,
+        path=Path(path),
+    )
+
+
+def check_fits(model: MetaModel, input_shape: tuple[int, ...], n_way: int, what: str) -> None:
+    """Raise :class:`CheckpointError` unless images of ``input_shape`` and ``n_way`` fit.
+
+    The supernet pools globally, so any image size would run, but a meta-model adapts well
+    only at the size it was meta-trained on: a different size is refused too.
+    """
+    c, h, w = input_shape
+    name = model.path
+    if c != model.space.in_channels:
+        raise CheckpointError(
+            f"checkpoint {name} takes {model.space.in_channels}-channel images but {what} "
+            f"gives {c}-channel ones; set channels={model.space.in_channels} (image folders are "
+            "converted) or use a checkpoint meta-trained on such images"
+        )
+    if n_way != model.space.n_classes:
+        raise CheckpointError(
+            f"checkpoint {name} was meta-trained for {model.space.n_classes}-way tasks but "
+            f"{what} has {n_way} classes; use {model.space.n_classes} classes (n_way="
+            f"{model.space.n_classes}) or a checkpoint meta-trained with n_way={n_way}"
+        )
+    if model.image_size is not None and (h, w) != (model.image_size, model.image_size):
+        raise CheckpointError(
+            f"checkpoint {name} was meta-trained on {model.image_size}x{model.image_size} "
+            f"images but {what} gives {h}x{w}; set image_size={model.image_size}"
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class AdaptedTask:
+    """One task's adapted model.
+
+    Attributes:
+        adapted: adapted supernet weights and alphas.
+        genotype: the task's architecture (argmax of the adapted alphas).
+        discrete: the task's discrete network, inheriting the adapted supernet weights.
+    """
+
+    adapted: Adapted
+    genotype: Genotype
+    discrete: DiscreteNetwork
+
+    def supernet_logits(self, model: MetaModel, x: Tensor) -> Tensor:
+        """Logits ``(B, n_way)`` of the adapted supernet on ``x`` (one batch)."""
+        with torch.no_grad():
+            return predict(model.net, self.adapted, x)
+
+    def discrete_logits(self, x: Tensor) -> Tensor:
+        """Logits ``(B, n_way)`` of the discrete network on ``x`` (one batch)."""
+        with torch.no_grad():
+            return self.discrete(x)
+
+
+def adapt_support(
+    model: MetaModel, support_x: Tensor, support_y: Tensor, finetune_steps: int = 0
+) -> AdaptedTask:
+    """Adapt to a labelled support set and build the task's discrete network.
+
+    Args:
+        model: the meta-model.
+        support_x: ``(N*K, C, H, W)`` (any number of images per class).
+        support_y: ``(N*K,)`` labels in ``0..n_way-1``.
+        finetune_steps: optional SGD steps (learning rate ``inner.lr_weights``) on the
+            discrete network's weights over the support set after discretisation; 0 keeps the
+            inherited weights exactly.
+
+    Returns:
+        The :class:`AdaptedTask`.
+    """
+    if finetune_steps < 0:
+        raise ConfigError(f"finetune_steps={finetune_steps} must be 0 or more")
+    adapted = adapt(model.net, model.weights, model.alphas, support_x, support_y, model.inner)
+    genotype = derive_genotype(adapted.alphas, model.space, temperature=adapted.temperature)
+    discrete = DiscreteNetwork.from_supernet(genotype, model.space, adapted.weights)
+    if finetune_steps:
+        opt = torch.optim.SGD(discrete.parameters(), lr=model.inner.lr_weights)
+        for _ in range(finetune_steps):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(discrete(support_x), support_y).backward()
+            opt.step()
+    for p in discrete.parameters():
+        p.requires_grad_(False)
+    return AdaptedTask(adapted, genotype, discrete.eval())
+
+
+def wilson_ci95(correct: int, n: int) -> tuple[float, float, float]:
+    """Accuracy ``correct / n`` and its 95% Wilson score interval ``(low, high)``.
+
+    Wilson (1927): ``(p + z^2/2n +- z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n)``, z = 1.96.
+    """
+    if n < 1:
+        raise ValueError("wilson_ci95 needs at least one trial")
+    z = 1.959963984540054
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return p, max(0.0, centre - half), min(1.0, centre + half)
+
+
+def evaluate_tasks(
+    model: MetaModel,
+    sampler: TaskSampler,
+    split: Split,
+    n_tasks: int,
+    rng: np.random.Generator,
+    finetune_steps: int = 0,
+    device: torch.device | str = "cpu",
+    workers: int = 0,
+) -> dict[str, Any]:
+    """Adapt to ``n_tasks`` sampled tasks; accuracies of the supernet and discrete networks.
+
+    Tasks are adapted concurrently on ``workers`` threads (0: one per CPU core on CPU, see
+    :mod:`metanas.parallel`); the results do not depend on the number of threads.
+
+    Returns:
+        ``{"supernet": {"accuracy", "ci95"}, "discrete": {...}, "n_tasks", "genotypes":
+        [one per task], "accuracies": {"supernet": [...], "discrete": [...]}}`` (fractions;
+        95% normal-approximation intervals over tasks).
+    """
+    if n_tasks < 1:
+        raise ConfigError(f"n_tasks={n_tasks} must be at least 1")
+    # Tasks are drawn first, so the results do not depend on the number of threads.
+    tasks = [sampler.sample(split, rng) for _ in range(n_tasks)]
+
+    def one(net: torch.nn.Module, task: Any) -> tuple[float, float, Genotype]:
+        task = task.to(device)
+        local = replace(model, net=net)
+        result = adapt_support(local, task.support_x, task.support_y, finetune_steps)
+        hits = [
+            float((logits.argmax(-1) == task.query_y).float().mean())
+            for logits in (result.supernet_logits(local, task.query_x), result.discrete_logits(task.query_x))
+        ]
+        return hits[0], hits[1], result.genotype
+
+    workers = workers or default_workers(device)
+    with TaskPool(model.net, workers) as pool:
+        parts = pool.map(one, tasks)
+    accs: dict[str, list[float]] = {"supernet": [p[0] for p in parts], "discrete": [p[1] for p in parts]}
+    genotypes = [p[2] for p in parts]
+    out: dict[str, Any] = {"n_tasks": n_tasks, "genotypes": genotypes, "accuracies": accs}
+    for name, values in accs.items():
+        mean, ci = mean_ci95(values)
+        out[name] = {"accuracy": mean, "ci95": ci}
+    return out

@@ -1,0 +1,450 @@
+"""Few-shot tasks from a folder of images with one sub-folder per class.
+
+Layout (the ``torchvision.datasets.ImageFolder`` convention)::
+
+    root/
+      class_a/  img001.png  img002.jpg ...
+      class_b/  ...
+
+Every image Pillow can read (PNG, JPEG, BMP, GIF, TIFF, WebP, PNM) of any size and mode is
+converted to ``channels`` channels (1: ``L``, 3: ``RGB``; palette images through RGBA, alpha
+composited onto black, 16-bit and float images rescaled to 8 bits), resized to
+``image_size x image_size`` (aspect ratio not kept, bilinear with antialiasing) and stored as
+uint8. At sampling time pixels become float32 in [0, 1] (``x / 255``), optionally inverted
+(``1 - x``, e.g. dark ink on white paper -> ink-high like Omniglot) and normalised per channel
+with ``mean`` / ``std``.
+
+The decoded arrays are cached as ``.npz`` keyed by a hash of the file list, file sizes,
+modification times and the decoding settings, so a second run loads in milliseconds and any
+change to the folder invalidates the cache. Cache files are written atomically.
+
+Classes are split into meta-train / meta-val / meta-test either by fractions of a seeded
+permutation of the sorted class names or by explicit lists of class names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import zipfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from metanas.errors import ConfigError, DataError
+
+from .base import SPLITS, Split, Task, check_split, sample_task_ragged
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "ImageFolderData",
+    "ImageFolderTasks",
+    "is_image_file",
+    "list_class_folders",
+    "load_image",
+    "load_image_folder",
+    "load_images",
+    "pixel_normalisation",
+    "split_classes",
+]
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm"}
+)
+_CACHE_VERSION = 1
+
+
+@dataclass(frozen=True, eq=False)
+class ImageFolderData:
+    """Decoded images of a class-folder dataset.
+
+    Attributes:
+        images: uint8 ``(n_images, C, S, S)``.
+        labels: int64 ``(n_images,)``, index into ``class_names``.
+        class_names: sorted class folder names.
+        files: path of each image relative to the root.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+    files: tuple[str, ...]
+
+    def rows_of(self) -> list[np.ndarray]:
+        """Rows of ``images`` of each class, ``[class index] -> int64 array``."""
+        order = np.argsort(self.labels, kind="stable")
+        bounds = np.searchsorted(self.labels[order], np.arange(len(self.class_names) + 1))
+        return [order[bounds[i] : bounds[i + 1]] for i in range(len(self.class_names))]
+
+    def counts(self) -> np.ndarray:
+        """Images per class, ``(n_classes,)``."""
+        return np.bincount(self.labels, minlength=len(self.class_names))
+
+
+def is_image_file(path: Path) -> bool:
+    """A visible file with an image suffix (:data:`IMAGE_SUFFIXES`)."""
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def _check_folder(root: Path, what: str) -> None:
+    if not root.exists():
+        raise DataError(f"{what} {root} does not exist; pass the path of an existing folder")
+    if not root.is_dir():
+        raise DataError(f"{what} {root} is not a folder; pass a folder of images")
+
+
+def list_class_folders(root: str | os.PathLike, what: str = "image folder") -> list[tuple[str, list[Path]]]:
+    """The class sub-folders of ``root`` and their image files, both sorted.
+
+    Raises:
+        DataError: ``root`` is missing, not a folder, has no class sub-folders, or a class
+            folder holds no image file.
+    """
+    root = Path(root).expanduser()
+    _check_folder(root, what)
+    classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        loose = [p.name for p in root.iterdir() if is_image_file(p)]
+        hint = (
+            f" (it holds {len(loose)} loose images: put each class's images in a sub-folder "
+            "named after the class)"
+            if loose
+            else ""
+        )
+        raise DataError(
+            f"{what} {root} has no class sub-folders{hint}; expected root/<class name>/<images>"
+        )
+    out = []
+    empty = []
+    for c in classes:
+        files = sorted(p for p in c.iterdir() if is_image_file(p))
+        if not files:
+            empty.append(c.name)
+        out.append((c.name, files))
+    if empty:
+        raise DataError(
+            f"{what} {root}: class folder(s) {empty[:10]} hold no image "
+            f"({', '.join(sorted(IMAGE_SUFFIXES))}); add images or remove the folder(s)"
+        )
+    return out
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """16-bit / 32-bit integer and float images -> 8-bit ``L`` (rescaled by the type's range)."""
+    arr = np.asarray(im)
+    if im.mode == "F":
+        top = float(arr.max()) if arr.size and arr.max() > 1.0 else 1.0
+        arr = np.clip(arr / top * 255.0, 0, 255)
+    else:
+        top = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        arr = np.clip(arr.astype(np.float64) / top * 255.0, 0, 255)
+    return Image.fromarray(np.round(arr).astype(np.uint8), mode="L")
+
+
+def _convert(im: Image.Image, channels: int) -> Image.Image:
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        im = _to_8bit(im)
+    if im.mode == "P":
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (0, 0, 0, 255))
+        im = Image.alpha_composite(background, im)
+    return im.convert("L" if channels == 1 else "RGB")
+
+
+def load_image(path: str | os.PathLike, image_size: int, channels: int) -> np.ndarray:
+    """Read one image as uint8 ``(channels, image_size, image_size)``.
+
+    Raises:
+        DataError: the file is unreadable, truncated or not an image.
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()  # decodes now: a truncated file raises here
+            im = _convert(im, channels)
+            im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(
+            f"image {path} cannot be read ({type(exc).__name__}: {exc}); it is truncated, "
+            "corrupt or not an image: replace or delete it"
+        ) from exc
+    arr = np.asarray(im, dtype=np.uint8)
+    return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def load_images(files: Sequence[Path], image_size: int, channels: int) -> np.ndarray:
+    """Read images as uint8 ``(len(files), channels, image_size, image_size)``."""
+    out = np.empty((len(files), channels, image_size, image_size), dtype=np.uint8)
+    for i, f in enumerate(files):
+        out[i] = load_image(f, image_size, channels)
+    return out
+
+
+def _check_settings(image_size: int, channels: int) -> None:
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ConfigError(f"image_size={image_size!r} must be a positive integer, e.g. 28 or 84")
+    if channels not in (1, 3):
+        raise ConfigError(f"channels={channels!r}; use 1 (grey) or 3 (RGB)")
+
+
+def _default_cache_dir(root: Path) -> Path:
+    local = root / ".metanas_cache"
+    if os.access(root, os.W_OK):
+        return local
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "metanas" / "image_folders"
+
+
+def load_image_folder(
+    root: str | os.PathLike,
+    image_size: int = 28,
+    channels: int = 1,
+    cache: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    what: str = "image folder",
+) -> ImageFolderData:
+    """Decode a class-folder dataset, using (and filling) the array cache.
+
+    Args:
+        root: folder with one sub-folder of images per class.
+        image_size: side S of the square output images.
+        channels: 1 (grey) or 3 (RGB).
+        cache: read and write the ``.npz`` cache.
+        cache_dir: where the cache goes; default ``root/.metanas_cache`` if ``root`` is
+            writable, else ``$XDG_CACHE_HOME/metanas/image_folders``.
+        what: how error messages name the folder.
+
+    Returns:
+        The :class:`ImageFolderData`.
+
+    Raises:
+        DataError: see :func:`list_class_folders` and :func:`load_image`.
+    """
+    _check_settings(image_size, channels)
+    root = Path(root).expanduser().resolve() if Path(root).expanduser().exists() else Path(root)
+    classes = list_class_folders(root, what)
+    entries = []
+    for name, files in classes:
+        for f in files:
+            st = f.stat()
+            entries.append((f.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
+    key = hashlib.sha256(
+        json.dumps([_CACHE_VERSION, image_size, channels, entries]).encode()
+    ).hexdigest()[:20]
+    cache_file = Path(cache_dir or _default_cache_dir(root)).expanduser() / f"images-{key}.npz"
+    class_names = tuple(name for name, _ in classes)
+    files = tuple(e[0] for e in entries)
+    if cache and cache_file.is_file():
+        try:
+            with np.load(cache_file, allow_pickle=False) as z:
+                images, labels = z["images"], z["labels"]
+            if images.shape == (len(files), channels, image_size, image_size):
+                log.debug("image folder %s: cache hit %s", root, cache_file)
+                return ImageFolderData(images, labels, class_names, files)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:  # a damaged cache is rebuilt, never trusted
+            log.warning("ignoring unreadable cache %s (%s)", cache_file, exc)
+    labels = np.concatenate(
+        [np.full(len(fs), i, dtype=np.int64) for i, (_, fs) in enumerate(classes)]
+    )
+    images = load_images([root / f for f in files], image_size, channels)
+    if cache:
+        buffer = io.BytesIO()
+        np.savez(buffer, images=images, labels=labels)
+        try:
+            from metanas.checkpoint import atomic_write_bytes
+
+            atomic_write_bytes(cache_file, buffer.getvalue())
+            log.info("image folder %s: %d images cached in %s", root, len(files), cache_file)
+        except OSError as exc:  # a read-only place: work without a cache
+            log.warning("cannot write the image cache %s (%s); set cache_dir", cache_file, exc)
+    return ImageFolderData(images, labels, class_names, files)
+
+
+def split_classes(
+    class_names: Sequence[str],
+    fractions: Sequence[float] = (0.6, 0.2, 0.2),
+    seed: int = 0,
+    classes: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, np.ndarray]:
+    """Indices (into ``class_names``) of each split's classes.
+
+    Args:
+        class_names: all class names.
+        fractions: shares of (train, val, test); the classes of a seeded permutation are
+            assigned in that order (train and val rounded, test takes the rest).
+        seed: seed of the permutation.
+        classes: explicit ``{split: [class names]}`` instead of fractions; splits not named
+            get no classes.
+
+    Raises:
+        ConfigError: bad fractions, unknown split or class names, a class in two splits.
+    """
+    index = {name: i for i, name in enumerate(class_names)}
+    if classes is not None:
+        out, seen = {}, {}
+        for split, names in classes.items():
+            check_split(split)
+            unknown = [n for n in names if n not in index]
+            if unknown:
+                raise ConfigError(
+                    f"classes.{split} names {unknown[:5]}, which are not class folders "
+                    f"(there are {len(class_names)}: {list(class_names)[:5]}...); fix the names"
+                )
+            for n in names:
+                if n in seen and seen[n] != split:
+                    raise ConfigError(f"class {n!r} is in both {seen[n]} and {split}; splits must be disjoint")
+                seen[n] = split
+            out[split] = np.array([index[n] for n in names], dtype=np.int64)
+        return {s: out.get(s, np.zeros(0, dtype=np.int64)) for s in SPLITS}
+    fr = [float(f) for f in fractions]
+    if len(fr) != 3 or any(f < 0 for f in fr) or not np.isclose(sum(fr), 1.0):
+        raise ConfigError(
+            f"split_fractions={list(fractions)} must be three non-negative shares of "
+            "(train, val, test) summing to 1, e.g. [0.6, 0.2, 0.2] or [0, 0, 1]"
+        )
+    n = len(class_names)
+    perm = np.random.default_rng(seed).permutation(n)
+    n_train = round(fr[0] * n)
+    n_val = min(round(fr[1] * n), n - n_train)
+    return {
+        "train": np.sort(perm[:n_train]),
+        "val": np.sort(perm[n_train : n_train + n_val]),
+        "test": np.sort(perm[n_train + n_val :]),
+    }
+
+
+def pixel_normalisation(
+    channels: int,
+    invert: bool = False,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-channel ``(scale, shift, std)``, float32 ``(C,)`` each, of the pixel normalisation.
+
+    A pixel ``x`` in [0, 1] becomes ``(x * scale - shift) / std``: ``x`` (or ``1 - x`` with
+    ``invert``) minus ``mean``, divided by ``std`` (defaults 0 and 1).
+    """
+    m = np.zeros(channels, np.float32) if mean is None else np.asarray(list(mean), np.float32)
+    sd = np.ones(channels, np.float32) if std is None else np.asarray(list(std), np.float32)
+    if m.shape != (channels,) or sd.shape != (channels,):
+        raise ConfigError(f"mean and std need {channels} value(s), one per channel")
+    if np.any(sd <= 0):
+        raise ConfigError(f"std={sd.tolist()} must be positive")
+    if invert:  # 1 - x - mean = x * (-1) - (mean - 1)
+        return np.full(channels, -1.0, np.float32), m - 1.0, sd
+    return np.ones(channels, np.float32), m, sd
+
+
+class ImageFolderTasks:
+    """N-way K-shot tasks from a folder of class sub-folders (see the module docstring).
+
+    Args:
+        root: the dataset folder.
+        n_way, k_shot, q_query: the episodes' shape.
+        image_size: side of the square images.
+        channels: 1 (grey) or 3 (RGB).
+        split_fractions: (train, val, test) shares of the classes, by a seeded permutation;
+            ``[0, 0, 1]`` puts every class in the test split (a dataset only adapted to).
+        split_seed: seed of that permutation.
+        classes: explicit ``{split: [class names]}`` instead of fractions.
+        invert: use ``1 - x`` (dark ink on light paper -> ink-high).
+        mean, std: per-channel normalisation after scaling to [0, 1] (length ``channels``).
+        cache, cache_dir: see :func:`load_image_folder`.
+
+    Raises:
+        DataError: missing or empty folder, unreadable image, or a class with fewer than
+            ``k_shot + q_query`` images (all offenders named).
+        ConfigError: bad settings.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        n_way: int = 5,
+        k_shot: int = 1,
+        q_query: int = 15,
+        image_size: int = 28,
+        channels: int = 1,
+        split_fractions: Sequence[float] = (0.6, 0.2, 0.2),
+        split_seed: int = 0,
+        classes: Mapping[str, Sequence[str]] | None = None,
+        invert: bool = False,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        cache: bool = True,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> None:
+        if root in (None, "", "???"):
+            raise DataError("no image folder given; set task.root=<folder of class sub-folders>")
+        for name, value, lowest in (("n_way", n_way, 2), ("k_shot", k_shot, 1), ("q_query", q_query, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+                raise ConfigError(f"{name}={value!r} must be an int >= {lowest}")
+        self.n_way, self.k_shot, self.q_query = n_way, k_shot, q_query
+        self.root = Path(root).expanduser()
+        self.data = load_image_folder(self.root, image_size, channels, cache, cache_dir)
+        self.input_shape = (channels, image_size, image_size)
+        self.class_names = self.data.class_names
+        self.invert = bool(invert)
+        self.mean = None if mean is None else [float(v) for v in mean]
+        self.std = None if std is None else [float(v) for v in std]
+        pixel_normalisation(channels, self.invert, self.mean, self.std)  # validates them
+        self.splits = split_classes(self.class_names, split_fractions, split_seed, classes)
+        self._rows = self.data.rows_of()
+        counts = self.data.counts()
+        need = k_shot + q_query
+        small = [(self.class_names[i], int(counts[i])) for i in range(len(counts)) if counts[i] < need]
+        if small:
+            listed = ", ".join(f"{n!r} ({c})" for n, c in small[:8])
+            raise DataError(
+                f"image folder {self.root}: {len(small)} class(es) have fewer images than "
+                f"k_shot + q_query = {need}: {listed}{' ...' if len(small) > 8 else ''}; add "
+                "images, lower k_shot / q_query, or remove those class folders"
+            )
+        if all(len(v) < n_way for v in self.splits.values()):
+            sizes = {s: len(v) for s, v in self.splits.items()}
+            raise DataError(
+                f"image folder {self.root} has {len(self.class_names)} classes, split {sizes}: "
+                f"no split has n_way={n_way} classes; add classes, lower n_way or change "
+                "split_fractions (e.g. [0, 0, 1] for a test-only dataset)"
+            )
+
+    def _affine(self) -> tuple[float, np.ndarray, np.ndarray]:
+        """(scale, shift, std) with ``x_out = (x * scale - shift) / std`` on uint8 ``x``."""
+        scale, shift, std = pixel_normalisation(self.input_shape[0], self.invert, self.mean, self.std)
+        return float(scale[0]) / 255.0, shift, std
+
+    def transform(self, images: np.ndarray) -> np.ndarray:
+        """uint8 ``(..., C, S, S)`` -> float32, exactly as the sampler's tasks see them."""
+        scale, shift, std = self._affine()
+        x = images.astype(np.float32) * np.float32(scale)
+        return (x - shift.reshape(-1, 1, 1)) / std.reshape(-1, 1, 1)
+
+    def sample(self, split: Split, rng: np.random.Generator) -> Task:
+        """Draw one task from ``split`` using only ``rng``."""
+        pool = self.splits[check_split(split)]
+        if len(pool) < self.n_way:
+            raise DataError(
+                f"image folder {self.root}: split {split!r} has {len(pool)} classes, fewer than "
+                f"n_way={self.n_way}; change split_fractions / classes or lower n_way"
+            )
+        scale, shift, std = self._affine()
+        return sample_task_ragged(
+            self.data.images, self._rows, pool, self.n_way, self.k_shot, self.q_query, rng,
+            scale=scale, mean=shift, std=std,
+        )
+
+    def __repr__(self) -> str:
+        sizes = {s: len(v) for s, v in self.splits.items()}
+        return (
+            f"ImageFolderTasks({str(self.root)!r}, {self.n_way}-way {self.k_shot}-shot, "
+            f"{len(self.class_names)} classes {sizes}, input {self.input_shape})"
+        )
