@@ -131,10 +131,10 @@ def load_checkpoint(
 
 
 __all__ = [
-    "save_checkpoint",
-    "load_checkpoint",
-    "atomic_write_bytes",
-    "atomic_write_text",
     "FORMAT",
     "VERSION",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "load_checkpoint",
+    "save_checkpoint",
 ]

@@ -55,4 +55,4 @@ def accuracy(logits: Tensor, y: Tensor) -> Tensor:
     return (logits.argmax(dim=-1) == y).float().mean()
 
 
-__all__ = ["Params", "weights_of", "forward", "detached", "accuracy"]
+__all__ = ["Params", "accuracy", "detached", "forward", "weights_of"]

@@ -225,4 +225,4 @@ def query_loss(
     return F.cross_entropy(logits, query_y), accuracy(logits, query_y)
 
 
-__all__ = ["InnerLoopConfig", "Adapted", "adapt", "predict", "query_loss"]
+__all__ = ["Adapted", "InnerLoopConfig", "adapt", "predict", "query_loss"]
