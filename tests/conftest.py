@@ -49,3 +49,13 @@ def tiny():
 @pytest.fixture
 def tasks():
     return [make_task(10), make_task(11)]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a test module: tiny kernels on a 2-core machine only
+    oversubscribe with more (up to 10x slower); the previous count is restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -30,12 +30,7 @@ ADAM = InnerLoopConfig(steps=2, lr_weights=0.01, lr_alphas=0.05, optimizer="adam
 ALGOS = [Reptile, FOMAML, MAML]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _setup(prune_threshold: float = 0.0, alpha_scale: float = 300.0):

@@ -29,13 +29,7 @@ from metanas.search_space import (
 DARTS = OP_PRESETS["darts"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Tiny convs on a shared 2-core machine: OpenMP threads only oversubscribe (10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_cfg(**kw) -> SearchSpaceConfig:
