@@ -47,6 +47,7 @@ class DistContext:
         local_world_size: processes on this machine (shares its CPU cores).
         backend: "gloo" or "nccl"; None for a single process.
         timeout_s: seconds a collective may wait for the other processes.
+        broken: a collective has failed (the group is not torn down at :meth:`close`).
     """
 
     rank: int = 0
@@ -55,6 +56,7 @@ class DistContext:
     local_world_size: int = 1
     backend: str | None = None
     timeout_s: float = DEFAULT_TIMEOUT_S
+    broken: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -74,6 +76,7 @@ class DistContext:
         try:
             return fn(*args, **kwargs)
         except Exception as exc:  # gloo/NCCL raise RuntimeError subclasses with long texts
+            self.broken = True
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise DistributedError(
                 f"rank {self.rank}/{self.world_size}: {what} failed ({first}); another process "
@@ -134,8 +137,13 @@ class DistContext:
             self._collective("barrier", torch_dist.barrier)
 
     def close(self) -> None:
-        """Leave the process group."""
-        if self.enabled and torch_dist.is_initialized():
+        """Leave the process group.
+
+        After a failed collective the group is left as it is: tearing down a group whose peer
+        died or hung can itself block or abort the process, and the process is about to exit
+        with the collective's error anyway.
+        """
+        if self.enabled and not self.broken and torch_dist.is_initialized():
             torch_dist.destroy_process_group()
 
 

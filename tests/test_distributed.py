@@ -117,7 +117,7 @@ def test_a_dying_or_hanging_process_ends_the_job_with_a_clear_error(failure, ext
             p.communicate()
     if failure == "dies":
         assert procs[0].returncode == 3
-    assert procs[1].returncode == 1, err0[-2000:]
+    assert procs[1].returncode == 1, (procs[1].returncode, err0[-2000:])
     assert "rank 0/2: all_reduce failed" in err0 and "another process probably died or hung" in err0
     assert ("Timed out" in err0) == (failure == "hangs")
     assert "Traceback" not in err0
