@@ -62,7 +62,7 @@ from .export import (
     onnx_bytes,
     torchscript_bytes,
 )
-from .parallel import default_workers
+from .parallel import default_workers, share_cores
 from .trainer import resolve_device
 
 log = logging.getLogger(__name__)
@@ -235,9 +235,7 @@ def _mode_sampled(cfg: DictConfig, model: MetaModel, device: torch.device) -> tu
         split, what = str(cfg.split), f"task sampler {type(sampler).__name__}"
     check_fits(model, tuple(sampler.input_shape), int(sampler.n_way), what)
     workers = default_workers(device)
-    if workers > 1 and device.type == "cpu":
-        # one thread per task instead of several per kernel (see metanas.parallel)
-        torch.set_num_threads(max(1, torch.get_num_threads() // workers))
+    share_cores(workers, device)
     result = evaluate_tasks(model, sampler, split, int(cfg.n_tasks),
                             np.random.default_rng(int(cfg.seed)), int(cfg.finetune_steps), device,
                             workers=workers)

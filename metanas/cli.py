@@ -56,6 +56,7 @@ from .distributed import (
 )
 from .errors import ConfigError, MetaNASError
 from .logger import RunLogger
+from .parallel import share_cores
 from .search_space import SearchNetwork, derive_genotype, init_alphas
 from .trainer import MetaTrainer, TrainerConfig, resolve_device
 
@@ -195,9 +196,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
 
 
 def _train(trainer: MetaTrainer, cfg: DictConfig, run_dir: Path, started: float) -> float:
-    if trainer.pool.workers > 1 and trainer.device.type == "cpu":
-        # one thread per task instead of several per kernel (see metanas.parallel)
-        torch.set_num_threads(max(1, torch.get_num_threads() // trainer.pool.workers))
+    share_cores(trainer.pool.workers, trainer.device)
     resume = _resume_path(cfg.get("resume"), run_dir)
     if resume is not None:
         trainer.resume(resume)

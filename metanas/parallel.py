@@ -37,6 +37,17 @@ def default_workers(device: torch.device | str) -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
+def share_cores(workers: int, device: torch.device | str) -> None:
+    """Give each of ``workers`` task threads an equal share of torch's intra-op threads.
+
+    One thread per task beats several threads per kernel for the supernet's small kernels;
+    call this once in a command-line process before adapting tasks on a :class:`TaskPool`.
+    It changes torch's process-wide thread count, so a library caller decides for itself.
+    """
+    if workers > 1 and torch.device(device).type == "cpu":
+        torch.set_num_threads(max(1, torch.get_num_threads() // workers))
+
+
 class TaskPool:
     """Maps a function over tasks on ``workers`` threads, each with its own network replica.
 
@@ -86,4 +97,4 @@ class TaskPool:
         self.close()
 
 
-__all__ = ["TaskPool", "default_workers"]
+__all__ = ["TaskPool", "default_workers", "share_cores"]

@@ -187,3 +187,20 @@ def test_batching_resolution_and_validation():
         MAML(vmap_chunk_size=0)
     assert repr(MAML(batching="vmap")) == "MAML(batching='vmap')"
     assert repr(Reptile()) == "Reptile()"
+
+
+def test_share_cores_splits_torch_threads_among_task_threads_on_cpu_only():
+    from metanas.parallel import share_cores
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        share_cores(2, "cpu")
+        assert torch.get_num_threads() == 2
+        share_cores(1, "cpu")
+        share_cores(2, "cuda")  # an accelerator's threads are left alone
+        assert torch.get_num_threads() == 2
+        share_cores(8, "cpu")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
