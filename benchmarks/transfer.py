@@ -39,7 +39,8 @@ from metanas.tasks.image_folder import ImageFolderTasks
 from metanas.tasks.synthetic import make_shapes_folder
 
 from metanas.baselines import Conv4, Conv4Config
-from metanas.checkpoint import atomic_write_text, load_checkpoint
+from metanas.checkpoint import load_checkpoint
+from metanas.io import atomic_write_text
 from metanas.cli import build_trainer
 from metanas.evaluate import evaluate
 from metanas.parallel import TaskPool, default_workers

@@ -31,7 +31,6 @@ from typing import Any
 import hydra
 import numpy as np
 import torch
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from metanas.tasks import ImageFolderTasks, check_sampler
@@ -51,10 +50,10 @@ from .adaptation import (
     load_meta_model,
     wilson_ci95,
 )
-from .checkpoint import atomic_write_bytes, atomic_write_text
-from .cli import _build
+from .io import atomic_write_bytes, atomic_write_text, resolve_device
 from .draw import draw_genotype
 from .errors import ConfigError, DataError, MetaNASError
+from .hydra_utils import build, output_dir
 from .export import (
     StandaloneClassifier,
     count_flops,
@@ -63,15 +62,9 @@ from .export import (
     torchscript_bytes,
 )
 from .parallel import default_workers, share_cores
-from .trainer import resolve_device
+
 
 log = logging.getLogger(__name__)
-
-
-def _out_dir(cfg: DictConfig) -> Path:
-    if HydraConfig.initialized():
-        return Path(HydraConfig.get().runtime.output_dir)
-    return Path(cfg.out)
 
 
 class _Pixels:
@@ -231,7 +224,7 @@ def _mode_sampled(cfg: DictConfig, model: MetaModel, device: torch.device) -> tu
         )
         split, what = "test", f"image folder {cfg.data}"
     else:
-        sampler = check_sampler(_build(cfg.task, "the task sampler (task=...)"))
+        sampler = check_sampler(build(cfg.task, "the task sampler (task=...)"))
         split, what = str(cfg.split), f"task sampler {type(sampler).__name__}"
     check_fits(model, tuple(sampler.input_shape), int(sampler.n_way), what)
     workers = default_workers(device)
@@ -268,7 +261,7 @@ def adapt_command(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[st
     Raises:
         MetaNASError: bad input (nothing is written then).
     """
-    out = Path(out_dir) if out_dir is not None else _out_dir(cfg)
+    out = Path(out_dir) if out_dir is not None else output_dir(cfg.out)
     device = resolve_device(cfg.device)
     model = _load_model(cfg, device)
     if cfg.support is not None:
@@ -306,7 +299,7 @@ def _main(cfg: DictConfig) -> None:
         log.error("%s", exc)
         print(f"metanas-adapt: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    print(_summary(metrics, _out_dir(cfg)))
+    print(_summary(metrics, output_dir(cfg.out)))
 
 
 def adapt_entry() -> None:

@@ -16,40 +16,19 @@ from __future__ import annotations
 import io
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import CheckpointError
+from .io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
 FORMAT = "metanas-checkpoint"
 VERSION = 1
 _REQUIRED = ("format", "version", "step", "search_space", "weights", "alphas")
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
@@ -133,8 +112,6 @@ def load_checkpoint(
 __all__ = [
     "FORMAT",
     "VERSION",
-    "atomic_write_bytes",
-    "atomic_write_text",
     "load_checkpoint",
     "save_checkpoint",
 ]

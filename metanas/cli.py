@@ -40,14 +40,11 @@ from typing import Any
 
 import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from metanas.tasks import check_sampler
 
-from .checkpoint import atomic_write_text
+from .io import atomic_write_text, resolve_device
 from .distributed import (
     DEFAULT_TIMEOUT_S,
     DistContext,
@@ -55,29 +52,13 @@ from .distributed import (
     init_distributed,
 )
 from .errors import ConfigError, MetaNASError
+from .hydra_utils import build, in_multirun, output_dir
 from .logger import RunLogger
 from .parallel import share_cores
 from .search_space import SearchNetwork, derive_genotype, init_alphas
-from .trainer import MetaTrainer, TrainerConfig, resolve_device
+from .trainer import MetaTrainer, TrainerConfig
 
 log = logging.getLogger(__name__)
-
-
-def _build(node: DictConfig, what: str, **kwargs: Any) -> Any:
-    """instantiate() with the library's own errors unwrapped from Hydra's wrapper."""
-    try:
-        return instantiate(node, _convert_="all", **kwargs)
-    except InstantiationException as exc:
-        cause = exc.__cause__
-        if isinstance(cause, MetaNASError):
-            raise cause from None
-        raise ConfigError(f"could not build {what}: {exc}") from exc
-
-
-def _run_dir() -> Path:
-    if HydraConfig.initialized():
-        return Path(HydraConfig.get().runtime.output_dir)
-    return Path.cwd()
 
 
 def _resume_path(resume: str | None, run_dir: Path) -> Path | None:
@@ -89,13 +70,6 @@ def _resume_path(resume: str | None, run_dir: Path) -> Path | None:
     return Path(resume)
 
 
-def _multirun() -> bool:
-    """True inside a Hydra sweep (``-m``)."""
-    if not HydraConfig.initialized():
-        return False
-    return str(HydraConfig.get().mode) == "RunMode.MULTIRUN"
-
-
 def build_trainer(cfg: DictConfig, run_dir: Path, dist: DistContext | None = None) -> MetaTrainer:
     """Instantiate sampler, supernet, alphas, algorithm and optimisers from a config."""
     dist = dist or DistContext()
@@ -103,8 +77,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, dist: DistContext | None = Non
     device = resolve_device(cfg.device)
     if dist.enabled and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", dist.local_rank)  # one GPU per process
-    sampler = check_sampler(_build(cfg.task, "the task sampler (task=...)"))
-    make_space = _build(cfg.search_space, "the search space (search_space=...)")
+    sampler = check_sampler(build(cfg.task, "the task sampler (task=...)"))
+    make_space = build(cfg.search_space, "the search space (search_space=...)")
     space = make_space(in_channels=sampler.input_shape[0], n_classes=sampler.n_way)
     # Weight and alpha initialisation is seeded without touching torch's global RNG.
     with torch.random.fork_rng(devices=[]):
@@ -112,7 +86,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, dist: DistContext | None = Non
         net = SearchNetwork(space)
     alphas = init_alphas(space, generator=torch.Generator().manual_seed(seed))
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    if trainer_kwargs.get("progress") is None and _multirun():
+    if trainer_kwargs.get("progress") is None and in_multirun():
         trainer_kwargs["progress"] = False  # sweeps log to files; no bars from parallel jobs
     try:
         trainer_cfg = TrainerConfig(
@@ -132,10 +106,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path, dist: DistContext | None = Non
         net=net,
         alphas=alphas,
         sampler=sampler,
-        algorithm=_build(cfg.algorithm, "the outer loop (algorithm=...)"),
-        inner=_build(cfg.inner, "the inner loop (inner=...)"),
-        weights_optimizer=_build(cfg.optim.weights, "the weights' meta-optimiser (optim=...)"),
-        alphas_optimizer=_build(cfg.optim.alphas, "the alphas' meta-optimiser (optim=...)"),
+        algorithm=build(cfg.algorithm, "the outer loop (algorithm=...)"),
+        inner=build(cfg.inner, "the inner loop (inner=...)"),
+        weights_optimizer=build(cfg.optim.weights, "the weights' meta-optimiser (optim=...)"),
+        alphas_optimizer=build(cfg.optim.alphas, "the alphas' meta-optimiser (optim=...)"),
         search_space=space,
         cfg=trainer_cfg,
         run_dir=run_dir,
@@ -164,7 +138,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     Returns:
         The best meta-validation accuracy, or the meta-test accuracy without validation.
     """
-    run_dir = Path(run_dir) if run_dir is not None else _run_dir()
+    run_dir = Path(run_dir) if run_dir is not None else output_dir()
     started = time.perf_counter()
     dist_cfg = cfg.get("distributed") or {}
     dist = init_distributed(
@@ -256,12 +230,12 @@ def train_entry(cfg: DictConfig) -> float:
         return train(cfg)
     except (MetaNASError, DistributedError) as exc:
         log.error("%s", exc)
-        if _multirun():
+        if in_multirun():
             return math.nan
         print(f"metanas-train: error: {exc}", file=sys.stderr)
         sys.exit(2 if isinstance(exc, MetaNASError) else 1)
     except Exception:
-        if not _multirun():
+        if not in_multirun():
             raise
         log.exception("this job of the sweep failed")
         return math.nan

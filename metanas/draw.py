@@ -15,7 +15,7 @@ import os
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from .checkpoint import atomic_write_bytes
+from .io import atomic_write_bytes
 from .search_space import Genotype
 
 __all__ = ["draw_cell", "draw_genotype"]

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from . import flops
-from .checkpoint import atomic_write_bytes
+from .io import atomic_write_bytes
 from .errors import ConfigError
 
 __all__ = [

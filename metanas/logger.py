@@ -22,7 +22,7 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .checkpoint import atomic_write_bytes, atomic_write_text
+from .io import atomic_write_bytes, atomic_write_text
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -45,7 +45,7 @@ from typing import Any
 
 import yaml
 
-from .checkpoint import atomic_write_bytes, atomic_write_text
+from .io import atomic_write_bytes, atomic_write_text
 
 PROG = "metanas-report"
 

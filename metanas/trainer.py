@@ -113,19 +113,6 @@ class TrainerConfig:
             raise ConfigError(f"trainer.test_inner_steps={self.test_inner_steps} must be >= 0")
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` -> CUDA if available, else CPU; anything else is passed to torch.device."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as exc:
-        raise ConfigError(f"device={device!r} is not a torch device; use auto, cpu or cuda") from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={device!r} but CUDA is not available; use device=auto or cpu")
-    return resolved
-
-
 def _config_differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two nested config dicts (``resume`` ignored)."""
     out = []
@@ -453,4 +440,4 @@ class MetaTrainer:
         return self._evaluate("test", n_tasks or self.cfg.n_test_tasks, TEST_SEED, weights, alphas)
 
 
-__all__ = ["MetaTrainer", "TrainerConfig", "resolve_device"]
+__all__ = ["MetaTrainer", "TrainerConfig"]

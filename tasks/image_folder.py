@@ -260,7 +260,7 @@ def load_image_folder(
         buffer = io.BytesIO()
         np.savez(buffer, images=images, labels=labels)
         try:
-            from metanas.checkpoint import atomic_write_bytes
+            from metanas.io import atomic_write_bytes
 
             atomic_write_bytes(cache_file, buffer.getvalue())
             log.info("image folder %s: %d images cached in %s", root, len(files), cache_file)

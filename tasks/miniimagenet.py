@@ -225,7 +225,7 @@ def _load_csv_split(root: Path, split: str, image_size: int, channels: int, cach
     for i, p in enumerate(paths):
         images[i] = load_image(p, image_size, channels)
     if cache:
-        from metanas.checkpoint import atomic_write_bytes
+        from metanas.io import atomic_write_bytes
 
         buf = io.BytesIO()
         np.savez(buf, images=images)
