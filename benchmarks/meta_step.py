@@ -112,7 +112,7 @@ def _make_step(spec: Spec):
     from metanas.algorithms import FOMAML, MAML, Reptile
     from metanas.evaluate import predict_query  # noqa: F401  (import cost outside the timing)
     from metanas.inner import InnerLoopConfig, adapt, predict
-    from metanas.parallel import TaskPool, default_workers
+    from metanas.engines import TaskPool, default_workers
     from metanas.search_space import SearchNetwork, SearchSpaceConfig, init_alphas
 
     cell, device = spec.cell, torch.device(spec.device)

@@ -17,7 +17,7 @@ import torch
 from metanas.tasks import OmniglotTasks
 
 from metanas.inner import InnerLoopConfig, adapt
-from metanas.parallel import TaskPool, default_workers
+from metanas.engines import TaskPool, default_workers
 from metanas.search_space import SearchNetwork, SearchSpaceConfig, init_alphas
 
 

@@ -43,7 +43,7 @@ from metanas.checkpoint import load_checkpoint
 from metanas.io import atomic_write_text
 from metanas.cli import build_trainer
 from metanas.evaluate import evaluate
-from metanas.parallel import TaskPool, default_workers
+from metanas.engines import TaskPool, default_workers
 from metanas.search_space import SearchNetwork
 from metanas.trainer import MetaTrainer, TrainerConfig
 

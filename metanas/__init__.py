@@ -4,38 +4,21 @@ A DARTS supernet's weights and architecture parameters (alphas) are meta-trained
 distribution of few-shot tasks with Reptile, first-order MAML or second-order MAML; on a new
 task a few inner steps adapt both, giving the task its own architecture (a genotype).
 
-The public API is re-exported here; see the README for a tour.
+The names here are the tour of the README; everything else lives in its module:
+``metanas.tasks`` (samplers, adapters), ``metanas.search_space`` (ops, normalisers, discrete
+networks), ``metanas.inner`` and ``metanas.inner_optim`` (the inner loop and its optimisers),
+``metanas.algorithms``, ``metanas.engines`` (loop, threads, vmap), ``metanas.evaluate``,
+``metanas.adaptation`` and ``metanas.export`` (new data, deployable models),
+``metanas.checkpoint``, ``metanas.distributed``, ``metanas.baselines``, ``metanas.errors``.
 """
 
-from metanas.tasks import (
-    DatasetTasks,
-    ImageFolderTasks,
-    MiniImageNetTasks,
-    OmniglotTasks,
-    Task,
-    TaskSampler,
-    TasksetAdapter,
-    check_sampler,
-)
+from metanas.tasks import ImageFolderTasks, OmniglotTasks, Task, TaskSampler, check_sampler
 
-from .algorithms import FOMAML, MAML, MetaAlgorithm, MetaGradients, Reptile
-from .baselines import Conv4, Conv4Config
-from .checkpoint import load_checkpoint, save_checkpoint
-from .distributed import DistContext, DistributedError, init_distributed
-from .errors import CheckpointError, ConfigError, DataError, MetaNASError
-from .evaluate import EvalResult, evaluate, mean_ci95
-from .flops import count_flops
-from .functional import forward
-from .inner import Adapted, InnerLoopConfig, adapt, predict
-from .logger import RunLogger
-from .search_space import (
-    DiscreteNetwork,
-    Genotype,
-    SearchNetwork,
-    SearchSpaceConfig,
-    derive_genotype,
-    init_alphas,
-)
+from .algorithms import FOMAML, MAML, Reptile
+from .errors import MetaNASError
+from .evaluate import evaluate
+from .inner import InnerLoopConfig, adapt, predict
+from .search_space import Genotype, SearchNetwork, SearchSpaceConfig, derive_genotype, init_alphas
 from .trainer import MetaTrainer, TrainerConfig
 
 __version__ = "0.1.0"
@@ -43,44 +26,22 @@ __version__ = "0.1.0"
 __all__ = [
     "FOMAML",
     "MAML",
-    "Adapted",
-    "CheckpointError",
-    "ConfigError",
-    "Conv4",
-    "Conv4Config",
-    "DataError",
-    "DatasetTasks",
-    "DiscreteNetwork",
-    "DistContext",
-    "DistributedError",
-    "EvalResult",
     "Genotype",
     "ImageFolderTasks",
     "InnerLoopConfig",
-    "MetaAlgorithm",
-    "MetaGradients",
     "MetaNASError",
     "MetaTrainer",
-    "MiniImageNetTasks",
     "OmniglotTasks",
     "Reptile",
-    "RunLogger",
     "SearchNetwork",
     "SearchSpaceConfig",
     "Task",
     "TaskSampler",
-    "TasksetAdapter",
     "TrainerConfig",
     "adapt",
     "check_sampler",
-    "count_flops",
     "derive_genotype",
     "evaluate",
-    "forward",
     "init_alphas",
-    "init_distributed",
-    "load_checkpoint",
-    "mean_ci95",
     "predict",
-    "save_checkpoint",
 ]

@@ -61,7 +61,7 @@ from .export import (
     onnx_bytes,
     torchscript_bytes,
 )
-from .parallel import default_workers, share_cores
+from .engines import default_workers, share_cores
 
 
 log = logging.getLogger(__name__)
@@ -234,6 +234,7 @@ def _mode_sampled(cfg: DictConfig, model: MetaModel, device: torch.device) -> tu
                             workers=workers)
     genotypes = result.pop("genotypes")
     accs = result.pop("accuracies")
+    div = result.pop("diversity")
     meta = model.genotype
     metrics = {
         "mode": "sampled", "checkpoint": str(model.path), "dataset": what, "split": split,
@@ -241,8 +242,8 @@ def _mode_sampled(cfg: DictConfig, model: MetaModel, device: torch.device) -> tu
         "inner_steps": model.inner.steps, "finetune_steps": int(cfg.finetune_steps),
         "accuracy": result["discrete"]["accuracy"], "ci95": result["discrete"]["ci95"],
         **result, "interval": "normal approximation over tasks",
-        "changed_share": float(np.mean([g != meta for g in genotypes])),
-        "unique_genotypes": len({g.to_json() for g in genotypes}),
+        "changed_share": div["changed_share"], "unique_genotypes": int(div["unique_genotypes"]),
+        "architecture_diversity": div,
     }
     files = {
         "task_genotypes.json": json.dumps(

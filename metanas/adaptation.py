@@ -37,9 +37,9 @@ from metanas.tasks import Split, TaskSampler
 
 from .checkpoint import load_checkpoint
 from .errors import CheckpointError, ConfigError
-from .evaluate import mean_ci95
+from .evaluate import evaluate, mean_ci95
 from .inner import Adapted, InnerLoopConfig, adapt, predict
-from .parallel import TaskPool, default_workers
+from .engines import TaskPool, default_workers
 from .search_space import (
     DiscreteNetwork,
     Genotype,
@@ -53,6 +53,7 @@ __all__ = [
     "MetaModel",
     "adapt_support",
     "check_fits",
+    "discretise",
     "evaluate_tasks",
     "load_meta_model",
     "wilson_ci95",
@@ -85,8 +86,9 @@ class MetaModel:
 
     @property
     def genotype(self) -> Genotype:
-        """The meta-architecture (genotype of the meta-alphas)."""
-        return derive_genotype(self.alphas, self.space)
+        """The meta-architecture: genotype of the meta-alphas at the inner loop's read-out
+        temperature (the temperature every task's genotype is derived at)."""
+        return derive_genotype(self.alphas, self.space, temperature=self.inner.temperature(self.inner.steps))
 
 
 def _inner_from_config(config: Mapping[str, Any]) -> InnerLoopConfig:
@@ -225,6 +227,15 @@ def adapt_support(
         raise ConfigError(f"finetune_steps={finetune_steps} must be 0 or more")
     adapted = adapt(model.net, model.weights, model.alphas, support_x, support_y, model.inner)
     genotype = derive_genotype(adapted.alphas, model.space, temperature=adapted.temperature)
+    return discretise(model, adapted, genotype, support_x, support_y, finetune_steps)
+
+
+def discretise(
+    model: MetaModel, adapted: Adapted, genotype: Genotype, support_x: Tensor, support_y: Tensor,
+    finetune_steps: int = 0,
+) -> AdaptedTask:
+    """The task's discrete network for ``genotype``, inheriting the adapted supernet weights,
+    optionally fine-tuned for ``finetune_steps`` SGD steps on the support set."""
     discrete = DiscreteNetwork.from_supernet(genotype, model.space, adapted.weights)
     if finetune_steps:
         opt = torch.optim.SGD(discrete.parameters(), lr=model.inner.lr_weights)
@@ -264,35 +275,37 @@ def evaluate_tasks(
 ) -> dict[str, Any]:
     """Adapt to ``n_tasks`` sampled tasks; accuracies of the supernet and discrete networks.
 
-    Tasks are adapted concurrently on ``workers`` threads (0: one per CPU core on CPU, see
-    :mod:`metanas.parallel`); the results do not depend on the number of threads.
+    The meta-test of :func:`metanas.evaluate.evaluate` (transductive), with the discrete task
+    network's accuracy as its per-task extra. Tasks are adapted concurrently on ``workers``
+    threads (0: one per CPU core on CPU, see :mod:`metanas.engines`); the results do not
+    depend on the number of threads.
 
     Returns:
         ``{"supernet": {"accuracy", "ci95"}, "discrete": {...}, "n_tasks", "genotypes":
-        [one per task], "accuracies": {"supernet": [...], "discrete": [...]}}`` (fractions;
-        95% normal-approximation intervals over tasks).
+        [one per task], "accuracies": {"supernet": [...], "discrete": [...]}, "diversity":
+        {...}}`` (fractions; 95% normal-approximation intervals over tasks; diversity as
+        :func:`metanas.evaluate.diversity`).
     """
     if n_tasks < 1:
         raise ConfigError(f"n_tasks={n_tasks} must be at least 1")
-    # Tasks are drawn first, so the results do not depend on the number of threads.
-    tasks = [sampler.sample(split, rng) for _ in range(n_tasks)]
+    if finetune_steps < 0:
+        raise ConfigError(f"finetune_steps={finetune_steps} must be 0 or more")
 
-    def one(net: torch.nn.Module, task: Any) -> tuple[float, float, Genotype]:
-        task = task.to(device)
+    def discrete_accuracy(net: torch.nn.Module, task: Any, adapted: Adapted, genotype: Genotype):
         local = replace(model, net=net)
-        result = adapt_support(local, task.support_x, task.support_y, finetune_steps)
-        hits = [
-            float((logits.argmax(-1) == task.query_y).float().mean())
-            for logits in (result.supernet_logits(local, task.query_x), result.discrete_logits(task.query_x))
-        ]
-        return hits[0], hits[1], result.genotype
+        with torch.enable_grad():
+            result = discretise(local, adapted, genotype, task.support_x, task.support_y, finetune_steps)
+        hits = result.discrete_logits(task.query_x).argmax(-1) == task.query_y
+        return {"discrete_accuracy": float(hits.float().mean())}
 
-    workers = workers or default_workers(device)
-    with TaskPool(model.net, workers) as pool:
-        parts = pool.map(one, tasks)
-    accs: dict[str, list[float]] = {"supernet": [p[0] for p in parts], "discrete": [p[1] for p in parts]}
-    genotypes = [p[2] for p in parts]
-    out: dict[str, Any] = {"n_tasks": n_tasks, "genotypes": genotypes, "accuracies": accs}
+    with TaskPool(model.net, workers or default_workers(device)) as pool:
+        supernet = evaluate(
+            model.net, model.weights, model.alphas, sampler, split, n_tasks, model.inner,
+            model.space, rng, device=device, pool=pool, extra=discrete_accuracy,
+        )
+    accs = {"supernet": list(supernet.accuracies), "discrete": list(supernet.extras["discrete_accuracy"])}
+    out: dict[str, Any] = {"n_tasks": n_tasks, "genotypes": list(supernet.genotypes), "accuracies": accs,
+                           "diversity": supernet.diversity}
     for name, values in accs.items():
         mean, ci = mean_ci95(values)
         out[name] = {"accuracy": mean, "ci95": ci}

@@ -54,7 +54,7 @@ from .distributed import (
 from .errors import ConfigError, MetaNASError
 from .hydra_utils import build, in_multirun, output_dir
 from .logger import RunLogger
-from .parallel import share_cores
+from .engines import share_cores
 from .search_space import SearchNetwork, derive_genotype, init_alphas
 from .trainer import MetaTrainer, TrainerConfig
 

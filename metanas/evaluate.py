@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,7 +31,7 @@ from metanas.tasks import Split, Task, TaskSampler
 
 from .functional import accuracy
 from .inner import Adapted, InnerLoopConfig, adapt, predict
-from .parallel import TaskPool
+from .engines import TaskPool
 from .search_space import (
     Genotype,
     SearchSpaceConfig,
@@ -68,6 +68,8 @@ class EvalResult:
         genotypes: per-task genotypes derived from the adapted alphas (empty for a
             network without alphas, e.g. :class:`metanas.baselines.Conv4`).
         diversity: summary of how the task architectures differ (see :func:`diversity`).
+        extras: name -> per-task values of the ``extra`` hook of :func:`evaluate`, in task
+            order (empty without a hook).
     """
 
     accuracy: float
@@ -76,6 +78,7 @@ class EvalResult:
     accuracies: tuple[float, ...] = field(repr=False)
     genotypes: tuple[Genotype, ...] = field(repr=False)
     diversity: dict[str, float] = field(default_factory=dict)
+    extras: dict[str, tuple[float, ...]] = field(default_factory=dict, repr=False)
 
     def summary(self) -> str:
         """``'97.31 +- 0.41 % (600 tasks)'``."""
@@ -83,7 +86,10 @@ class EvalResult:
 
 
 def diversity(genotypes: Sequence[Genotype], reference: Genotype | None) -> dict[str, float]:
-    """How much the task architectures differ.
+    """How much the task architectures differ: the one definition used by every meta-test.
+
+    Compare genotypes derived at the same temperature (:func:`evaluate` derives the
+    reference and every task's genotype at the inner loop's read-out temperature).
 
     Returns:
         ``unique_genotypes`` (number of distinct task genotypes), ``most_common_share``
@@ -119,23 +125,8 @@ def predict_query(
     return torch.func.vmap(one)(task.query_x)
 
 
-def _evaluate_task(
-    net: nn.Module,
-    weights: Mapping[str, Tensor],
-    alphas: Mapping[str, Tensor],
-    task: Task,
-    inner: InnerLoopConfig,
-    search_space: SearchSpaceConfig,
-    transductive: bool,
-) -> tuple[float, Genotype | None]:
-    """Query accuracy and adapted genotype of one task (None without alphas)."""
-    adapted = adapt(net, weights, alphas, task.support_x, task.support_y, inner)
-    with torch.no_grad():
-        logits = predict_query(net, adapted, task, transductive)
-        acc = float(accuracy(logits, task.query_y))
-    if not adapted.alphas:  # a fixed-architecture network (no alphas): no genotype
-        return acc, None
-    return acc, derive_genotype(adapted.alphas, search_space, temperature=adapted.temperature)
+Extra = Callable[[nn.Module, Task, Adapted, "Genotype | None"], Mapping[str, float]]
+"""Per-task hook of :func:`evaluate`: ``(net, task, adapted, genotype) -> {name: value}``."""
 
 
 def evaluate(
@@ -153,8 +144,12 @@ def evaluate(
     device: torch.device | str = "cpu",
     progress: bool = False,
     pool: TaskPool | None = None,
+    extra: Extra | None = None,
 ) -> EvalResult:
     """Adapt to ``n_tasks`` tasks of ``split`` and measure query accuracy.
+
+    The one meta-test pipeline: ``metanas-train``'s validation and test, ``metanas-adapt``'s
+    sampled tasks and the benchmarks all call it.
 
     Args:
         net: the supernet.
@@ -171,6 +166,8 @@ def evaluate(
         device: where to run.
         progress: show a progress bar.
         pool: adapts several tasks concurrently; it must have been built on ``net``.
+        extra: per-task hook called with the (replica) network, the task, its adapted model
+            and its genotype; its values are collected in :attr:`EvalResult.extras`.
 
     Returns:
         An :class:`EvalResult`.
@@ -180,12 +177,20 @@ def evaluate(
     pool = pool or TaskPool(net, 1)
     weights = {k: v.detach() for k, v in weights.items()}
     alphas = {k: v.detach() for k, v in alphas.items()}
-    reference = derive_genotype(alphas, search_space) if alphas else None
+    read_out = inner.temperature(inner.steps)
+    reference = derive_genotype(alphas, search_space, temperature=read_out) if alphas else None
 
-    def one(replica: nn.Module, task: Task) -> tuple[float, Genotype | None]:
-        return _evaluate_task(replica, weights, alphas, task, inner, search_space, transductive)
+    def one(replica: nn.Module, task: Task) -> tuple[float, Genotype | None, Mapping[str, float]]:
+        adapted = adapt(replica, weights, alphas, task.support_x, task.support_y, inner)
+        with torch.no_grad():
+            acc = float(accuracy(predict_query(replica, adapted, task, transductive), task.query_y))
+        genotype = (
+            derive_genotype(adapted.alphas, search_space, temperature=adapted.temperature)
+            if adapted.alphas else None  # a fixed-architecture network has no genotype
+        )
+        return acc, genotype, (extra(replica, task, adapted, genotype) if extra else {})
 
-    results: list[tuple[float, Genotype]] = []
+    results: list[tuple[float, Genotype | None, Mapping[str, float]]] = []
     chunk = 2 * pool.workers
     with tqdm(total=n_tasks, desc=f"meta-{split}", disable=not progress, leave=False) as bar:
         while len(results) < n_tasks:
@@ -193,11 +198,12 @@ def evaluate(
             tasks = [sampler.sample(split, rng).to(device) for _ in range(count)]
             results += pool.map(one, tasks)
             bar.update(count)
-    accs = [acc for acc, _ in results]
-    genotypes = [g for _, g in results if g is not None]
+    accs = [acc for acc, _, _ in results]
+    genotypes = [g for _, g, _ in results if g is not None]
+    extras = {name: tuple(r[2][name] for r in results) for name in results[0][2]}
     mean, ci = mean_ci95(accs)
     div = diversity(genotypes, reference) if genotypes else {}
-    return EvalResult(mean, ci, n_tasks, tuple(accs), tuple(genotypes), div)
+    return EvalResult(mean, ci, n_tasks, tuple(accs), tuple(genotypes), div, extras)
 
 
-__all__ = ["EvalResult", "diversity", "evaluate", "mean_ci95", "predict_query"]
+__all__ = ["EvalResult", "Extra", "diversity", "evaluate", "mean_ci95", "predict_query"]

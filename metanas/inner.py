@@ -1,8 +1,8 @@
 """The task learner: a few differentiable optimisation steps on a task's support set.
 
 :func:`adapt` is pure. It takes the meta-weights and meta-alphas as dictionaries, runs
-``steps`` updates of SGD or Adam on the support loss, and returns new dictionaries; the
-meta-model is never touched. With ``create_graph=True`` the returned tensors are functions of
+``steps`` updates of a registered inner optimiser (:mod:`metanas.inner_optim`: SGD, Adam, or
+your own) on the support loss, and returns new dictionaries; the meta-model is never touched. With ``create_graph=True`` the returned tensors are functions of
 the inputs (second-order MAML differentiates through them); with ``create_graph=False`` every
 step is cut from the graph and the results are fresh leaves that require grad (first-order
 MAML differentiates the query loss with respect to them).
@@ -12,20 +12,29 @@ Weights and alphas have separate learning rates, and the alphas can be left unto
 temperature of the alphas is annealed over the inner steps (MetaNAS, Elsken et al. 2020,
 Sec. 3.3): step ``s`` of ``steps`` uses ``temperature(s)``, and the adapted model is read out
 at ``temperature(steps)``, the schedule's end point.
+
+There is one inner loop. The only thing that varies is how a gradient is taken: with
+:data:`AUTOGRAD` (``torch.autograd.grad``; the default, and the CPU engines' path) or with
+:data:`FUNC` (``torch.func.grad``, which composes with ``vmap`` and nested ``grad``). The
+outer algorithms use the same two objects for their own gradients, so each algorithm's
+per-task contribution is written once for every engine (:mod:`metanas.algorithms`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import grad
 
 from .errors import ConfigError
 from .functional import Params, accuracy, detached, forward
+from .inner_optim import INNER_OPTIMIZERS, InnerOptimizer
 from .search_space import anneal_temperature
 
 
@@ -37,7 +46,8 @@ class InnerLoopConfig:
         steps: number of gradient steps on the support set.
         lr_weights: inner learning rate of the network weights.
         lr_alphas: inner learning rate of the architecture parameters.
-        optimizer: "sgd" or "adam" (both differentiable).
+        optimizer: name of a registered inner optimiser (:mod:`metanas.inner_optim`):
+            "sgd", "adam" or one of your own.
         betas: Adam's moment decay rates.
         eps: Adam's epsilon, added to ``sqrt(v_hat)`` as in ``torch.optim.Adam``.
         temperature_start: alpha softmax temperature at the first inner step.
@@ -48,7 +58,7 @@ class InnerLoopConfig:
     steps: int = 5
     lr_weights: float = 0.1
     lr_alphas: float = 0.1
-    optimizer: Literal["sgd", "adam"] = "sgd"
+    optimizer: str = "sgd"
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     temperature_start: float = 1.0
@@ -63,15 +73,21 @@ class InnerLoopConfig:
                 f"inner learning rates must be >= 0, got lr_weights={self.lr_weights}, "
                 f"lr_alphas={self.lr_alphas}"
             )
-        if self.optimizer not in ("sgd", "adam"):
+        if self.optimizer not in INNER_OPTIMIZERS:
             raise ConfigError(
-                f"inner.optimizer={self.optimizer!r} is unknown; use 'sgd' or 'adam'"
+                f"inner.optimizer={self.optimizer!r} is unknown; use one of "
+                f"{', '.join(map(repr, INNER_OPTIMIZERS))} or register your own with "
+                "metanas.inner_optim.register_inner_optimizer"
             )
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"inner.betas={self.betas} must be two numbers in [0, 1)")
         # validates the temperatures and the schedule name
         self.temperature(0)
+
+    def inner_optimizer(self) -> InnerOptimizer:
+        """The registered optimiser ``optimizer`` names, built with these settings."""
+        return INNER_OPTIMIZERS[self.optimizer](self)
 
     def temperature(self, step: int) -> float:
         """Softmax temperature at inner step ``step`` (``steps`` is the read-out)."""
@@ -101,44 +117,68 @@ class Adapted:
     support_losses: tuple[Tensor, ...] = field(default=())
 
 
-def _sgd(tensors: list[Tensor], grads: list[Tensor], lrs: list[float]) -> list[Tensor]:
-    return [p - lr * g for p, g, lr in zip(tensors, grads, lrs)]
+class AutogradGrads:
+    """Gradients with :func:`torch.autograd.grad`: the CPU fast paths (pruned-op skipping,
+    channels-last pools) apply, and ``create_graph`` keeps the graph for second order."""
+
+    functional = False
+
+    def start(self, weights: Mapping[str, Tensor], alphas: Mapping[str, Tensor],
+              create_graph: bool, adapt_alphas: bool) -> tuple[Params, Params]:
+        """The tensors the inner loop starts from: the inputs themselves for second order,
+        else fresh leaves (the meta-model is never part of a first-order graph)."""
+        if create_graph:
+            return dict(weights), dict(alphas)
+        return detached(weights, requires_grad=True), detached(alphas, requires_grad=adapt_alphas)
+
+    def loss_grads(self, loss_fn, w: Params, a: Params, names_a: list[str],
+                   create_graph: bool = False) -> tuple[Params, Params, Any]:
+        """``loss_fn(w, a) -> (loss, aux)``; returns ``(d loss/d w, d loss/d a[names_a], aux)``.
+
+        Tensors the loss does not depend on get zero gradients.
+        """
+        loss, aux = loss_fn(w, a)
+        targets = list(w.values()) + [a[n] for n in names_a]
+        grads = torch.autograd.grad(loss, targets, create_graph=create_graph, allow_unused=True)
+        grads = [torch.zeros_like(t) if g is None else g for t, g in zip(targets, grads)]
+        return dict(zip(w, grads)), dict(zip(names_a, grads[len(w):])), aux
+
+    def step_context(self, create_graph: bool):
+        """Autograd records the optimiser update only when the graph is kept."""
+        return torch.set_grad_enabled(create_graph)
+
+    def after_step(self, new: list[Tensor], create_graph: bool) -> list[Tensor]:
+        """Without a graph every step's results are cut off as fresh leaves."""
+        return new if create_graph else [t.detach().requires_grad_(True) for t in new]
 
 
-def _safe_sqrt(v: Tensor) -> Tensor:
-    """sqrt with a zero (not NaN) derivative where ``v == 0``.
+class FuncGrads:
+    """Gradients with :func:`torch.func.grad`: composes with ``vmap`` and with an enclosing
+    ``torch.func.grad`` (which then differentiates through the inner loop)."""
 
-    A gradient entry that is exactly zero (an op removed by soft pruning) gives ``v == 0``,
-    where d sqrt(v) / dv is infinite and second-order MAML would get ``inf * 0 = NaN``.
-    """
-    positive = v > 0
-    return torch.where(positive, torch.where(positive, v, torch.ones_like(v)).sqrt(), 0.0)
+    functional = True
+
+    def start(self, weights, alphas, create_graph, adapt_alphas):
+        return dict(weights), dict(alphas)
+
+    def loss_grads(self, loss_fn, w, a, names_a, create_graph=False):
+        if names_a:  # the inner loop adapts all alphas or none
+            (g_w, g_a), aux = grad(loss_fn, argnums=(0, 1), has_aux=True)(w, a)
+            return g_w, g_a, aux
+        g_w, aux = grad(loss_fn, argnums=0, has_aux=True)(w, a)
+        return g_w, {}, aux
+
+    def step_context(self, create_graph):
+        return contextlib.nullcontext()
+
+    def after_step(self, new, create_graph):
+        return new
 
 
-def _adam(
-    tensors: list[Tensor],
-    grads: list[Tensor],
-    lrs: list[float],
-    state: dict,
-    step: int,
-    betas: tuple[float, float],
-    eps: float,
-) -> list[Tensor]:
-    b1, b2 = betas
-    if not state:
-        state["m"] = [torch.zeros_like(g) for g in grads]
-        state["v"] = [torch.zeros_like(g) for g in grads]
-    t = step + 1
-    c1, c2 = 1.0 - b1**t, 1.0 - b2**t
-    out, ms, vs = [], [], []
-    for p, g, lr, m, v in zip(tensors, grads, lrs, state["m"], state["v"]):
-        m = b1 * m + (1.0 - b1) * g
-        v = b2 * v + (1.0 - b2) * g * g
-        out.append(p - lr * (m / c1) / (_safe_sqrt(v / c2) + eps))
-        ms.append(m)
-        vs.append(v)
-    state["m"], state["v"] = ms, vs
-    return out
+AUTOGRAD = AutogradGrads()
+FUNC = FuncGrads()
+Grads = AutogradGrads | FuncGrads
+"""How the inner loop (and an outer loop) takes gradients: :data:`AUTOGRAD` or :data:`FUNC`."""
 
 
 def adapt(
@@ -152,6 +192,7 @@ def adapt(
     create_graph: bool = False,
     adapt_alphas: bool = True,
     buffers: Mapping[str, Tensor] | None = None,
+    grads: Grads = AUTOGRAD,
 ) -> Adapted:
     """Adapt weights (and alphas) to one task's support set.
 
@@ -163,43 +204,40 @@ def adapt(
         support_x: support inputs, shape (N*K, C, H, W).
         support_y: support labels, shape (N*K,), values in 0..N-1.
         cfg: inner-loop hyper-parameters.
-        create_graph: keep the graph of every step (second-order MAML).
+        create_graph: keep the graph of every step (second-order MAML with :data:`AUTOGRAD`;
+            with :data:`FUNC` an enclosing ``torch.func.grad`` decides).
         adapt_alphas: update the alphas too; if False they are returned as given.
         buffers: module buffers, if any.
+        grads: :data:`AUTOGRAD` (default) or :data:`FUNC` (composable with ``vmap``); the
+            only thing that differs between the two is how each step's gradient is taken.
 
     Returns:
-        The adapted weights and alphas. Without ``create_graph`` they are new leaves that
-        require grad; the meta-weights are never modified.
+        The adapted weights and alphas. With :data:`AUTOGRAD` and no ``create_graph`` they
+        are new leaves that require grad; the meta-weights are never modified.
     """
-    names_w = list(weights)
-    names_a = list(alphas)
-    if create_graph:
-        w, a = dict(weights), dict(alphas)
-    else:
-        w = detached(weights, requires_grad=True)
-        a = detached(alphas, requires_grad=adapt_alphas)
-    targets = names_w + (names_a if adapt_alphas else [])
-    lrs = [cfg.lr_weights] * len(names_w) + [cfg.lr_alphas] * (len(targets) - len(names_w))
-    state: dict = {}
+    w, a = grads.start(weights, alphas, create_graph, adapt_alphas)
+    names_w, names_a = list(w), (list(a) if adapt_alphas else [])
+    lrs = [cfg.lr_weights] * len(names_w) + [cfg.lr_alphas] * len(names_a)
+    optimizer = cfg.inner_optimizer()
+    state = None
     losses = []
     for step in range(cfg.steps):
-        logits = forward(net, w, a, support_x, cfg.temperature(step), buffers)
-        loss = F.cross_entropy(logits, support_y)
-        losses.append(loss.detach())
-        current = [w[n] for n in names_w] + [a[n] for n in targets[len(names_w):]]
-        grads = torch.autograd.grad(
-            loss, current, create_graph=create_graph, allow_unused=True
-        )
-        grads = [torch.zeros_like(t) if g is None else g for t, g in zip(current, grads)]
-        with torch.set_grad_enabled(create_graph):
-            if cfg.optimizer == "sgd":
-                new = _sgd(current, grads, lrs)
-            else:
-                new = _adam(current, grads, lrs, state, step, cfg.betas, cfg.eps)
-        if not create_graph:
-            new = [t.detach().requires_grad_(True) for t in new]
+        def support_loss(w_: Params, a_: Params, temperature: float = cfg.temperature(step)):
+            loss = F.cross_entropy(forward(net, w_, a_, support_x, temperature, buffers), support_y)
+            return loss, loss.detach()
+
+        g_w, g_a, loss = grads.loss_grads(support_loss, w, a, names_a, create_graph)
+        losses.append(loss)
+        current = [w[n] for n in names_w] + [a[n] for n in names_a]
+        if state is None:
+            state = optimizer.init(current)
+        with grads.step_context(create_graph):
+            new, state = optimizer.update(
+                current, [g_w[n] for n in names_w] + [g_a[n] for n in names_a], lrs, state, step
+            )
+        new = grads.after_step(new, create_graph)
         w.update(zip(names_w, new[: len(names_w)]))
-        a.update(zip(targets[len(names_w) :], new[len(names_w) :]))
+        a.update(zip(names_a, new[len(names_w):]))
     return Adapted(w, a, cfg.temperature(cfg.steps), tuple(losses))
 
 
@@ -225,4 +263,4 @@ def query_loss(
     return F.cross_entropy(logits, query_y), accuracy(logits, query_y)
 
 
-__all__ = ["Adapted", "InnerLoopConfig", "adapt", "predict", "query_loss"]
+__all__ = ["AUTOGRAD", "FUNC", "Adapted", "InnerLoopConfig", "adapt", "predict", "query_loss"]

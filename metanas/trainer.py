@@ -45,7 +45,7 @@ from .evaluate import EvalResult, evaluate
 from .functional import weights_of
 from .inner import InnerLoopConfig
 from .logger import RunLogger
-from .parallel import TaskPool, default_workers
+from .engines import TaskPool, default_workers
 from .search_space import SearchSpaceConfig
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import torch
 from conftest import make_task
 from metanas.evaluate import diversity, evaluate, mean_ci95, predict_query
 from metanas.inner import InnerLoopConfig, adapt, predict
-from metanas.parallel import TaskPool
+from metanas.engines import TaskPool
 from metanas.search_space import Genotype
 from test_trainer import RandomTasks
 

@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from conftest import make_task, tiny_space
 
 from metanas.algorithms import FOMAML, MAML, Reptile
-from metanas.algorithms.base import resolve_batching
-from metanas.batched import stack_tasks
+from metanas.engines import resolve_batching
+from metanas.engines import stack_tasks
 from metanas.errors import ConfigError
 from metanas.inner import InnerLoopConfig
-from metanas.parallel import TaskPool
+from metanas.engines import TaskPool
 from metanas.search_space import SearchNetwork, init_alphas, normalize_alphas
 from metanas.search_space.ops import PoolBN
 
@@ -190,7 +190,7 @@ def test_batching_resolution_and_validation():
 
 
 def test_share_cores_splits_torch_threads_among_task_threads_on_cpu_only():
-    from metanas.parallel import share_cores
+    from metanas.engines import share_cores
 
     before = torch.get_num_threads()
     try:

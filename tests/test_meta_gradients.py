@@ -19,7 +19,7 @@ from torch import nn
 from metanas.algorithms import FOMAML, MAML, Reptile
 from metanas.functional import forward
 from metanas.inner import InnerLoopConfig, adapt, query_loss
-from metanas.parallel import TaskPool
+from metanas.engines import TaskPool
 from conftest import make_task
 
 SGD = InnerLoopConfig(steps=2, lr_weights=0.1, lr_alphas=0.5, optimizer="sgd")

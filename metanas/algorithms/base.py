@@ -6,35 +6,28 @@ a tensor per name that the trainer hands to two ordinary ``torch.optim`` meta-op
 ``theta - mean(theta'_i)`` (Nichol et al. 2018), so that plain SGD with learning rate ``eps``
 performs ``theta <- theta + eps * (mean(theta'_i) - theta)`` and any optimiser can be used.
 
-The built-in algorithms are :class:`TaskwiseAlgorithm` subclasses: they define the
-contribution of one task (:meth:`TaskwiseAlgorithm.task_gradients`) and the base class
-averages the contributions of a meta-batch. How the tasks of a meta-batch are computed is the
-algorithm's ``batching`` setting: one after the other (``loop``), on the threads of a
-:class:`~metanas.parallel.TaskPool` (``threads``), or vectorised over the task dim with
-``torch.func.vmap`` (``vmap``, :mod:`metanas.batched`); ``auto`` picks threads on a CPU and
-vmap on an accelerator (measurements in ``docs/speed.md``). All engines give the same
-meta-gradients up to floating-point rounding (``tests/test_fast_paths.py``).
+The built-in algorithms are :class:`TaskwiseAlgorithm` subclasses. Each defines the
+contribution of one task once, in :meth:`TaskwiseAlgorithm.task_terms`, written against a
+gradient backend (:data:`~metanas.inner.AUTOGRAD` or :data:`~metanas.inner.FUNC`); the base
+class runs it on the engine that ``batching`` names (:mod:`metanas.engines`: a loop, threads,
+or ``vmap`` with the functional backend) and averages the contributions. A new outer
+algorithm is one ``task_terms`` method in one file.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
-from metanas.tasks import Task
-
-from ..batched import TaskFn, map_tasks, stack_tasks
+from ..engines import TaskPool, TaskTensors, resolve_batching, stack_tasks, vmap_tasks
 from ..errors import ConfigError
 from ..functional import Params
-from ..inner import Adapted, InnerLoopConfig
-from ..parallel import TaskPool
-
-BATCHING = ("auto", "loop", "threads", "vmap")
-"""Engines for the tasks of a meta-batch (see the module docstring)."""
+from ..inner import AUTOGRAD, FUNC, Adapted, Grads, InnerLoopConfig
 
 
 @dataclass(frozen=True)
@@ -57,6 +50,23 @@ class MetaGradients:
     support_loss: float
 
 
+class TaskTerms(NamedTuple):
+    """One task's contribution, all tensors (so that ``vmap`` can map it).
+
+    Attributes:
+        weights: name -> the task's term of the weights' meta-gradient.
+        alphas: name -> the task's term of the alphas' meta-gradient (``{}`` when frozen).
+        query_loss, query_accuracy: 0-dim statistics of the adapted model on the query set.
+        support_loss: 0-dim support loss before adaptation (NaN without inner steps).
+    """
+
+    weights: Params
+    alphas: Params
+    query_loss: Tensor
+    query_accuracy: Tensor
+    support_loss: Tensor
+
+
 @runtime_checkable
 class MetaAlgorithm(Protocol):
     """Computes meta-gradients for a meta-batch of tasks. Must not modify its inputs."""
@@ -66,7 +76,7 @@ class MetaAlgorithm(Protocol):
         net: nn.Module,
         weights: Mapping[str, Tensor],
         alphas: Mapping[str, Tensor],
-        tasks: Sequence[Task],
+        tasks: Sequence[Any],
         inner: InnerLoopConfig,
         *,
         adapt_alphas: bool = True,
@@ -84,15 +94,11 @@ def _mean(dicts: Sequence[Params]) -> Params:
     return out
 
 
-def resolve_batching(batching: str, device: torch.device | str) -> str:
-    """The engine ``batching`` means on ``device``: ``auto`` -> threads on CPU, vmap elsewhere."""
-    if batching not in BATCHING:
-        raise ConfigError(
-            f"algorithm.batching={batching!r} is unknown; use one of {', '.join(BATCHING)}"
-        )
-    if batching != "auto":
-        return batching
-    return "threads" if torch.device(device).type == "cpu" else "vmap"
+def first_support_loss(adapted: Adapted, like: Tensor) -> Tensor:
+    """The support loss before adaptation (0-dim), or NaN (like ``like``) without inner steps."""
+    if adapted.support_losses:
+        return adapted.support_losses[0]
+    return torch.full((), math.nan, dtype=like.dtype, device=like.device)
 
 
 class TaskwiseAlgorithm:
@@ -100,7 +106,7 @@ class TaskwiseAlgorithm:
 
     Args:
         batching: ``auto`` | ``loop`` | ``threads`` | ``vmap``: how the tasks of a meta-batch
-            are computed (see the module docstring). ``threads`` uses the ``pool`` passed to
+            are computed (:mod:`metanas.engines`). ``threads`` uses the ``pool`` passed to
             :meth:`meta_gradients` (a plain loop without one); ``vmap`` falls back to the
             threads/loop engine when the tasks' shapes differ.
         vmap_chunk_size: tasks per vectorised call with ``vmap`` (None: the whole meta-batch;
@@ -119,25 +125,27 @@ class TaskwiseAlgorithm:
         self.batching = batching
         self.vmap_chunk_size = vmap_chunk_size
 
-    def task_fn(self, net: nn.Module, inner: InnerLoopConfig, adapt_alphas: bool) -> TaskFn:
-        """The contribution of one task as a pure function for ``vmap``.
-
-        The function maps ``(weights, alphas, support_x, support_y, query_x, query_y)`` to
-        ``(grads_w, grads_a, query_loss, query_accuracy, support_loss)`` (dicts of tensors
-        and 0-dim tensors; ``grads_a`` is ``{}`` when the alphas are frozen).
-        """
-        raise NotImplementedError(f"{type(self).__name__} has no vectorised form; use batching=threads")
-
-    def task_gradients(
+    def task_terms(
         self,
         net: nn.Module,
         weights: Mapping[str, Tensor],
         alphas: Mapping[str, Tensor],
-        task: Task,
+        task: TaskTensors,
         inner: InnerLoopConfig,
         adapt_alphas: bool,
-    ) -> MetaGradients:
-        """The contribution of one task (statistics of that task alone)."""
+        grads: Grads,
+    ) -> TaskTerms:
+        """The contribution of one task.
+
+        Args:
+            net: the network (a thread's replica on the threads engine).
+            weights, alphas: the meta-parameters (detached under ``vmap``).
+            task: anything with ``support_x``, ``support_y``, ``query_x``, ``query_y``.
+            inner: inner-loop settings.
+            adapt_alphas: adapt and meta-learn the alphas.
+            grads: the gradient backend to use for every gradient (pass it to
+                :func:`~metanas.inner.adapt` and use its ``loss_grads``).
+        """
         raise NotImplementedError
 
     def meta_gradients(
@@ -145,13 +153,13 @@ class TaskwiseAlgorithm:
         net: nn.Module,
         weights: Mapping[str, Tensor],
         alphas: Mapping[str, Tensor],
-        tasks: Sequence[Task],
+        tasks: Sequence[Any],
         inner: InnerLoopConfig,
         *,
         adapt_alphas: bool = True,
         pool: TaskPool | None = None,
     ) -> MetaGradients:
-        """Mean of :meth:`task_gradients` over ``tasks``.
+        """Mean of :meth:`task_terms` over ``tasks``.
 
         Args:
             net: the supernet.
@@ -169,63 +177,39 @@ class TaskwiseAlgorithm:
             raise ValueError("the TaskPool was built on another network")
         device = next(iter(weights.values())).device
         engine = resolve_batching(getattr(self, "batching", "auto"), device)
-        if engine == "vmap":
-            stacked = stack_tasks(tasks)
-            if stacked is not None:
-                return self._vmap_meta_gradients(net, weights, alphas, stacked, inner, adapt_alphas)
-            engine = "threads"
-        if engine == "loop":
-            pool = None
+        if engine == "vmap" and (stacked := stack_tasks(tasks)) is not None:
+            terms = vmap_tasks(
+                lambda w, a, task: self.task_terms(net, w, a, task, inner, adapt_alphas, FUNC),
+                {k: v.detach() for k, v in weights.items()},
+                {k: v.detach() for k, v in alphas.items()},
+                stacked,
+                getattr(self, "vmap_chunk_size", None),
+            )
+            return MetaGradients(
+                weights={k: v.mean(dim=0) for k, v in terms.weights.items()},
+                alphas={k: v.mean(dim=0) for k, v in terms.alphas.items()} if adapt_alphas else None,
+                query_loss=float(terms.query_loss.mean()),
+                query_accuracy=float(terms.query_accuracy.mean()),
+                support_loss=float(terms.support_loss.mean()),
+            )
 
-        def one(replica: nn.Module, task: Task) -> MetaGradients:
-            return self.task_gradients(replica, weights, alphas, task, inner, adapt_alphas)
+        def one(replica: nn.Module, task: Any) -> TaskTerms:
+            return self.task_terms(replica, weights, alphas, task, inner, adapt_alphas, AUTOGRAD)
 
-        parts = pool.map(one, tasks) if pool is not None else [one(net, t) for t in tasks]
+        if engine == "loop" or pool is None:
+            parts = [one(net, t) for t in tasks]
+        else:
+            parts = pool.map(one, tasks)
         n = len(parts)
         return MetaGradients(
             weights=_mean([p.weights for p in parts]),
             alphas=_mean([p.alphas for p in parts]) if adapt_alphas else None,
-            query_loss=sum(p.query_loss for p in parts) / n,
-            query_accuracy=sum(p.query_accuracy for p in parts) / n,
-            support_loss=sum(p.support_loss for p in parts) / n,
-        )
-
-    def _vmap_meta_gradients(self, net, weights, alphas, stacked, inner, adapt_alphas) -> MetaGradients:
-        fn = self.task_fn(net, inner, adapt_alphas)
-        w = {k: v.detach() for k, v in weights.items()}
-        a = {k: v.detach() for k, v in alphas.items()}
-        g_w, g_a, q_loss, q_acc, s_loss = map_tasks(
-            fn, w, a, stacked, getattr(self, "vmap_chunk_size", None)
-        )
-        return MetaGradients(
-            weights={k: v.mean(dim=0) for k, v in g_w.items()},
-            alphas={k: v.mean(dim=0) for k, v in g_a.items()} if adapt_alphas else None,
-            query_loss=float(q_loss.mean()),
-            query_accuracy=float(q_acc.mean()),
-            support_loss=float(s_loss.mean()),
+            **{
+                stat: sum(float(getattr(p, stat)) for p in parts) / n
+                for stat in ("query_loss", "query_accuracy", "support_loss")
+            },
         )
 
     def __repr__(self) -> str:
         batching = getattr(self, "batching", "auto")
         return f"{type(self).__name__}()" if batching == "auto" else f"{type(self).__name__}(batching={batching!r})"
-
-
-def grads_of(loss: Tensor, *groups: Mapping[str, Tensor]) -> tuple[Params, ...]:
-    """``d loss / d tensors`` for each group of named tensors, in the order given.
-
-    Tensors that ``loss`` does not depend on get zero gradients.
-    """
-    keys = [(i, name) for i, group in enumerate(groups) for name in group]
-    flat = [groups[i][name] for i, name in keys]
-    grads = torch.autograd.grad(loss, flat, allow_unused=True)
-    out: tuple[Params, ...] = tuple({} for _ in groups)
-    for (i, name), t, g in zip(keys, flat, grads):
-        out[i][name] = torch.zeros_like(t) if g is None else g
-    return out
-
-
-def first_support_loss(adapted: Adapted) -> float:
-    """The support loss before adaptation, or NaN when no inner step was taken."""
-    if adapted.support_losses:
-        return float(adapted.support_losses[0])
-    return float("nan")

@@ -1,87 +1,47 @@
 """MAML (Finn, Abbeel & Levine 2017): first-order and second-order meta-gradients.
 
 Second-order MAML differentiates the query loss of the adapted model through every inner
-step back to the meta-weights and meta-alphas (``create_graph=True``). First-order MAML
-drops the second-order terms: the meta-gradient is the query-loss gradient taken at the
-adapted weights and alphas of the live task model.
+step back to the meta-weights and meta-alphas. First-order MAML drops the second-order
+terms: the meta-gradient is the query-loss gradient taken at the adapted weights and alphas
+of the live task model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from dataclasses import replace
 
-from torch import Tensor, nn
-from torch.func import grad
-
-from metanas.tasks import Task
-
-from ..batched import TaskFn, adapt_pure, query_stats
-from ..inner import InnerLoopConfig, adapt, query_loss
-from .base import MetaGradients, TaskwiseAlgorithm, first_support_loss, grads_of
+from ..inner import adapt, query_loss
+from .base import TaskTerms, TaskwiseAlgorithm, first_support_loss
 
 
 class _MAMLBase(TaskwiseAlgorithm):
     second_order: bool = True
 
-    def task_gradients(
-        self,
-        net: nn.Module,
-        weights: Mapping[str, Tensor],
-        alphas: Mapping[str, Tensor],
-        task: Task,
-        inner: InnerLoopConfig,
-        adapt_alphas: bool,
-    ) -> MetaGradients:
+    def task_terms(self, net, weights, alphas, task, inner, adapt_alphas, grads) -> TaskTerms:
         """Query-loss gradient of one task (through the inner loop if second order)."""
-        adapted = adapt(
-            net, weights, alphas, task.support_x, task.support_y, inner,
-            create_graph=self.second_order, adapt_alphas=adapt_alphas,
-        )
-        loss, acc = query_loss(net, adapted, task.query_x, task.query_y)
-        # second order: differentiate back to the meta-parameters; first order: at the
-        # adapted tensors themselves (fresh leaves returned by adapt).
-        source_w = weights if self.second_order else adapted.weights
-        source_a = alphas if self.second_order else adapted.alphas
-        grads_w, grads_a = grads_of(loss, source_w, source_a if adapt_alphas else {})
-        return MetaGradients(
-            grads_w,
-            grads_a if adapt_alphas else None,
-            float(loss.detach()),
-            float(acc),
-            first_support_loss(adapted),
-        )
+        names_a = list(alphas) if adapt_alphas else []
 
+        def adapted_from(w, a):
+            return adapt(
+                net, w, a, task.support_x, task.support_y, inner,
+                create_graph=self.second_order, adapt_alphas=adapt_alphas, grads=grads,
+            )
 
-    def task_fn(self, net: nn.Module, inner: InnerLoopConfig, adapt_alphas: bool) -> TaskFn:
-        """:meth:`task_gradients` as a pure function of one task's tensors (for ``vmap``)."""
-        temperature = inner.temperature(inner.steps)
-        argnums = (0, 1) if adapt_alphas else 0
-        second_order = self.second_order
+        def query(adapted):
+            loss, acc = query_loss(net, adapted, task.query_x, task.query_y)
+            return loss, (loss.detach(), acc.detach(), first_support_loss(adapted, loss))
 
-        def split(g):
-            return g if adapt_alphas else (g, {})
-
-        def fn(w, a, support_x, support_y, query_x, query_y):
-            def query(w_task, a_task):
-                loss, acc = query_stats(net, w_task, a_task, query_x, query_y, temperature)
-                return loss, (loss.detach(), acc)
-
-            if second_order:
-                def meta_loss(w0, a0):
-                    w_task, a_task, first = adapt_pure(
-                        net, w0, a0, support_x, support_y, inner, adapt_alphas
-                    )
-                    loss, aux = query(w_task, a_task)
-                    return loss, (*aux, first)
-
-                g, (loss, acc, first) = grad(meta_loss, argnums=argnums, has_aux=True)(w, a)
-            else:
-                w_task, a_task, first = adapt_pure(net, w, a, support_x, support_y, inner, adapt_alphas)
-                g, (loss, acc) = grad(query, argnums=argnums, has_aux=True)(w_task, a_task)
-            grads_w, grads_a = split(g)
-            return grads_w, grads_a, loss, acc, first
-
-        return fn
+        if self.second_order:  # differentiate back to the meta-parameters
+            g_w, g_a, stats = grads.loss_grads(
+                lambda w, a: query(adapted_from(w, a)), dict(weights), dict(alphas), names_a
+            )
+        else:  # at the adapted tensors themselves (fresh leaves with AUTOGRAD)
+            adapted = adapted_from(weights, alphas)
+            g_w, g_a, stats = grads.loss_grads(
+                lambda w, a: query(replace(adapted, weights=w, alphas=a)),
+                adapted.weights, adapted.alphas, names_a,
+            )
+        return TaskTerms(g_w, g_a, *stats)
 
 
 class MAML(_MAMLBase):

@@ -1,6 +1,19 @@
-"""Independent per-task work (adaptation, meta-gradients, evaluation) on several threads.
+"""Engines: how the independent tasks of a meta-batch or an evaluation are computed.
 
-On a CPU the supernet's kernels are small and their dispatch overhead dominates, so one
+``algorithm.batching`` names one of :data:`BATCHING`:
+
+- ``loop``: one task after the other, in the calling thread;
+- ``threads``: one task per thread of a :class:`TaskPool`, each thread with its own network
+  replica (the CPU default);
+- ``vmap``: the tasks' tensors stacked and the per-task function mapped with
+  ``torch.func.vmap`` (:func:`vmap_tasks`), in chunks of ``vmap_chunk_size`` tasks (the
+  accelerator default); tasks of different shapes fall back to threads;
+- ``auto``: threads on a CPU, vmap elsewhere (:func:`resolve_batching`).
+
+Every engine calls the same per-task function and gives the same results up to rounding
+(``tests/test_fast_paths.py``).
+
+Threads. On a CPU the supernet's kernels are small and their dispatch overhead dominates, so one
 thread per task beats several threads per kernel: adapting tasks on two threads ran
 1.66x faster than one after the other on a 2-core machine
 (``python benchmarks/task_threads.py``).
@@ -19,15 +32,32 @@ from __future__ import annotations
 import copy
 import os
 import queue
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.func import vmap
+
+from .errors import ConfigError
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+BATCHING = ("auto", "loop", "threads", "vmap")
+"""The engines (see the module docstring)."""
+
+
+def resolve_batching(batching: str, device: torch.device | str) -> str:
+    """The engine ``batching`` means on ``device``: ``auto`` -> threads on CPU, vmap elsewhere."""
+    if batching not in BATCHING:
+        raise ConfigError(
+            f"algorithm.batching={batching!r} is unknown; use one of {', '.join(BATCHING)}"
+        )
+    if batching != "auto":
+        return batching
+    return "threads" if torch.device(device).type == "cpu" else "vmap"
 
 
 def default_workers(device: torch.device | str) -> int:
@@ -97,4 +127,61 @@ class TaskPool:
         self.close()
 
 
-__all__ = ["TaskPool", "default_workers", "share_cores"]
+class TaskTensors(NamedTuple):
+    """The tensors of one task (or, stacked, of several: a leading task dim ``T``)."""
+
+    support_x: Tensor
+    support_y: Tensor
+    query_x: Tensor
+    query_y: Tensor
+
+
+def stack_tasks(tasks: Sequence[Any]) -> TaskTensors | None:
+    """Stack the tasks' tensors along a new leading dim ``(T, ...)``.
+
+    Returns:
+        ``TaskTensors`` of shapes ``(T, N*K, C, H, W)``, ``(T, N*K)``, ``(T, Q, C, H, W)``,
+        ``(T, Q)``, or None when the tasks' shapes differ (they cannot be batched).
+    """
+    out = []
+    for name in TaskTensors._fields:
+        ts = [getattr(t, name) for t in tasks]
+        if any(t.shape != ts[0].shape for t in ts):
+            return None
+        out.append(torch.stack(ts))
+    return TaskTensors(*out)
+
+
+def vmap_tasks(
+    fn: Callable[[dict[str, Tensor], dict[str, Tensor], TaskTensors], R],
+    weights: Mapping[str, Tensor],
+    alphas: Mapping[str, Tensor],
+    stacked: TaskTensors,
+    chunk_size: int | None = None,
+) -> R:
+    """``vmap(fn)`` over the task dim of ``stacked``, meta-parameters shared by all tasks.
+
+    Args:
+        fn: ``fn(weights, alphas, task)`` of one task, returning a pytree of tensors.
+        weights, alphas: the meta-parameters (not batched).
+        stacked: the tasks' tensors from :func:`stack_tasks`.
+        chunk_size: tasks per vectorised call (None: all at once); smaller saves memory.
+
+    Returns:
+        ``fn``'s output with a leading task dim ``T`` on every tensor.
+    """
+    return vmap(fn, in_dims=(None, None, 0), chunk_size=chunk_size)(
+        dict(weights), dict(alphas), stacked
+    )
+
+
+__all__ = [
+    "BATCHING",
+    "TaskPool",
+    "TaskTensors",
+    "default_workers",
+    "resolve_batching",
+    "share_cores",
+    "stack_tasks",
+    "vmap_tasks",
+]
