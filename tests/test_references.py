@@ -358,3 +358,7 @@ def test_evaluate_derives_task_architectures_at_the_read_out_temperature():
     assert result.genotypes == (read_out,) * 3
     assert result.diversity["unique_genotypes"] == 1
     assert result.diversity["most_common_share"] == 1.0
+    # frozen alphas change no architecture: the meta-architecture is derived at the same
+    # (read-out) temperature as the tasks' ones
+    assert result.diversity["changed_share"] == 0.0
+    assert result.diversity["mean_distance_to_meta"] == 0.0
