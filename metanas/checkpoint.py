@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 FORMAT = "metanas-checkpoint"
 VERSION = 1
 _REQUIRED = ("format", "version", "step", "search_space", "weights", "alphas")
+_SPACE_DEFAULTS = {"reduction_channel_scale": 2}
+"""Search-space settings newer than checkpoint format 1, with the value older files imply."""
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
@@ -91,15 +93,14 @@ def load_checkpoint(
     missing = [k for k in _REQUIRED if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {missing}; it is incomplete or damaged")
-    if search_space is not None and state["search_space"] != search_space:
+    # settings added after a checkpoint was written take their defaults
+    saved = {**_SPACE_DEFAULTS, **state["search_space"]}
+    if search_space is not None and saved != {**_SPACE_DEFAULTS, **search_space}:
         diff = sorted(
-            k
-            for k in set(search_space) | set(state["search_space"])
-            if search_space.get(k) != state["search_space"].get(k)
+            k for k in set(search_space) | set(saved) if search_space.get(k) != saved.get(k)
         )
         details = ", ".join(
-            f"{k}: checkpoint {state['search_space'].get(k)!r} vs config {search_space.get(k)!r}"
-            for k in diff
+            f"{k}: checkpoint {saved.get(k)!r} vs config {search_space.get(k)!r}" for k in diff
         )
         raise CheckpointError(
             f"checkpoint {path} was trained with a different search space ({details}); "

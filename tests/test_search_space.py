@@ -424,7 +424,7 @@ def test_from_supernet_copies_every_weight():
 def test_supernet_with_one_hot_alphas_equals_discrete_network():
     """Chosen edges put all weight on their op, other edges on 'none': the supernet is exact."""
     _, g = hand_alphas()
-    cfg = small_cfg(ops="darts", prune_threshold=0.5)
+    cfg = small_cfg(ops="darts", prune_threshold=0.1)
     sup = SearchNetwork(cfg).double()
     alphas = {}
     for kind, nodes in (("normal", g.normal), ("reduce", g.reduce)):
@@ -440,3 +440,14 @@ def test_supernet_with_one_hot_alphas_equals_discrete_network():
     disc = DiscreteNetwork.from_supernet(g, cfg, dict(sup.named_parameters()))
     x = torch.randn(4, 1, 8, 8, generator=gen(7), dtype=torch.float64)
     torch.testing.assert_close(sup(x, alphas), disc(x), atol=1e-12, rtol=0)
+
+
+def test_prune_threshold_at_or_above_uniform_is_refused():
+    """At 1/n_ops near-uniform alphas keep only the argmax op: refused, naming the limit."""
+    with pytest.raises(ConfigError, match=r"1/n_ops = 1/7 = 0.1429"):
+        SearchSpaceConfig(prune_threshold=1 / 7)
+    SearchSpaceConfig(prune_threshold=0.14)  # just below is allowed
+    # what the refusal prevents: the alphas' gradient vanishes on near-uniform alphas
+    a = (1e-3 * torch.randn(3, 7, generator=torch.Generator().manual_seed(0))).requires_grad_()
+    normalize_alphas(a, 1.0, 1 / 7).sum().backward()
+    assert torch.count_nonzero(a.grad) == 0

@@ -162,3 +162,37 @@ def test_progress_bars_are_off_in_a_sweep_unless_forced(mode, progress, expected
     finally:
         HydraConfig.instance().cfg = None
     assert trainer.cfg.progress is expected
+
+
+def _metanas_layout_weights(C: int, n_cells: int, n_nodes: int, reductions, n_way: int, stem: int = 3) -> int:
+    """Weights of MetaNAS's supernet counted by hand: the channel count C stays the same in
+    every cell (feature_scale_rate=1), the 7 few-shot ops with MetaNAS's depthwise-separable
+    conv_3x3, norms without parameters; 1-channel input."""
+    dw = 9 * C + C * C  # depthwise 3x3 + pointwise 1x1
+    per_op = {"max_pool_3x3": 0, "avg_pool_3x3": 0, "conv_1x5_5x1": 10 * C * C,
+              "dw_conv_3x3": dw, "sep_conv_3x3": 2 * dw, "dil_conv_3x3": dw}
+    total = 1 * stem * C * 9  # stem conv
+    c_pp = c_p = stem * C
+    for k in range(n_cells):
+        red = k in reductions
+        total += c_pp * C + c_p * C  # 1x1 preprocessing (a FactorizedReduce after a reduction has as many)
+        for i in range(n_nodes):
+            for j in range(2 + i):
+                stride = 2 if red and j < 2 else 1
+                total += sum(per_op.values()) + (C * C if stride == 2 else 0)  # skip: FactorizedReduce
+        c_pp, c_p = c_p, n_nodes * C
+    return total + n_nodes * C * n_way + n_way  # classifier
+
+
+def test_metanas_preset_has_metanas_network_size():
+    """search_space=metanas keeps the channels at reductions (MetaNAS's feature_scale_rate=1)."""
+    from hydra.utils import instantiate
+
+    from metanas.search_space import SearchNetwork
+
+    cfg = _compose(["experiment=metanas_omniglot_5shot"])
+    space = instantiate(cfg.search_space)(in_channels=1, n_classes=cfg.task.n_way)
+    assert space.reduction_channel_scale == 1 and space.reduction_cells == (1, 3)
+    n = sum(p.numel() for p in SearchNetwork(space).parameters())
+    assert n == _metanas_layout_weights(28, 4, 3, (1, 3), 20)
+    assert 0.45e6 < n < 0.47e6

@@ -169,3 +169,15 @@ def test_resume_warns_about_changed_settings(tmp_path, caplog):
         second.resume(tmp_path / "checkpoints" / "last.ckpt")
     assert "trainer.meta_steps: 2 -> 4" in caplog.text
     assert "resume" not in caplog.text.split("differ from the checkpoint:")[1]
+
+
+def test_checkpoint_from_before_reduction_channel_scale_still_loads(tmp_path):
+    """Checkpoints written before the setting existed imply DARTS's doubling (scale 2)."""
+    from metanas.search_space import SearchSpaceConfig
+
+    space = SearchSpaceConfig(n_classes=3, channels=4, n_cells=2, n_nodes=2).to_dict()
+    old = {k: v for k, v in space.items() if k != "reduction_channel_scale"}
+    save_checkpoint(tmp_path / "old.ckpt", {"step": 1, "search_space": old, "weights": {}, "alphas": {}})
+    load_checkpoint(tmp_path / "old.ckpt", space)
+    with pytest.raises(CheckpointError, match="reduction_channel_scale"):
+        load_checkpoint(tmp_path / "old.ckpt", {**space, "reduction_channel_scale": 1})

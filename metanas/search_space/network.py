@@ -5,7 +5,7 @@ The network holds only weights; the architecture parameters (``alphas``) are pas
 adapt weights and alphas functionally with ``torch.func.functional_call`` / ``vmap``.
 
 Macro structure (DARTS, Liu et al. 2019): stem (conv3x3 + norm) -> ``n_cells`` cells -> global
-average pool -> linear classifier. Cell ``k`` is a reduction cell (channels doubled, stride 2 on
+average pool -> linear classifier. Cell ``k`` is a reduction cell (channels times ``reduction_channel_scale``, stride 2 on
 the edges leaving its two inputs) if ``k`` is in ``cfg.resolved_reduction_cells()``. Each cell
 preprocesses its two inputs (ReLU-conv1x1-norm, or :class:`FactorizedReduce` for ``s0`` after a
 reduction cell), computes ``n_nodes`` intermediate nodes, node ``i`` summing one edge from each of
@@ -66,7 +66,8 @@ class SearchSpaceConfig:
     Attributes:
         in_channels: image channels of the input.
         n_classes: logits produced (``n_way`` for few-shot tasks).
-        channels: initial cell channel count ``C`` (doubled at each reduction cell).
+        channels: initial cell channel count ``C`` (multiplied by ``reduction_channel_scale``
+            at each reduction cell).
         n_cells: number of cells.
         n_nodes: intermediate nodes per cell (the cell output concatenates all of them).
         stem_multiplier: the stem outputs ``stem_multiplier * channels`` channels.
@@ -74,7 +75,13 @@ class SearchSpaceConfig:
             ``{n_cells // 3, 2 * n_cells // 3}``; ``()`` -> no reduction cell.
         ops: candidate op names, or a preset name (normalised to the tuple of names).
         pairwise_input_alphas: add per-edge logits softmaxed over each node's inputs (PC-DARTS).
-        prune_threshold: soft-pruning threshold of :func:`normalize_alphas`, in ``[0, 1)``.
+        prune_threshold: soft-pruning threshold of :func:`normalize_alphas`, in
+            ``[0, 1 / n_ops)``: at or above ``1 / n_ops`` near-uniform alphas keep only the
+            argmax op of every edge and the alphas' gradient is exactly zero, so such a
+            threshold is refused.
+        reduction_channel_scale: channel factor of a reduction cell: 2 as in DARTS (Liu et
+            al. 2019), 1 as in MetaNAS (``feature_scale_rate=1`` in the authors' code), which
+            keeps the channel count constant.
     """
 
     in_channels: int = 1
@@ -87,9 +94,11 @@ class SearchSpaceConfig:
     ops: tuple[str, ...] = OP_PRESETS["fewshot"]
     pairwise_input_alphas: bool = False
     prune_threshold: float = 0.0
+    reduction_channel_scale: int = 2
 
     def __post_init__(self) -> None:
-        sizes = ("in_channels", "n_classes", "channels", "n_cells", "n_nodes", "stem_multiplier")
+        sizes = ("in_channels", "n_classes", "channels", "n_cells", "n_nodes", "stem_multiplier",
+                 "reduction_channel_scale")
         for name in sizes:
             _positive_int(name, getattr(self, name))
         object.__setattr__(self, "ops", resolve_ops(self.ops))
@@ -119,6 +128,13 @@ class SearchSpaceConfig:
         if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not 0.0 <= thr < 1.0:
             raise ConfigError(
                 f"search_space.prune_threshold must be in [0, 1), got {self.prune_threshold!r}"
+            )
+        if thr >= 1.0 / self.n_ops:
+            raise ConfigError(
+                f"search_space.prune_threshold={thr} is at or above 1/n_ops = 1/{self.n_ops} = "
+                f"{1.0 / self.n_ops:.4f}: on near-uniform alphas it keeps only the argmax op of "
+                "every edge and the alphas get no gradient; use a threshold below "
+                f"{1.0 / self.n_ops:.4f} (MetaNAS uses 0.01)"
             )
         object.__setattr__(self, "prune_threshold", float(self.prune_threshold))
 
@@ -231,7 +247,7 @@ def cell_layout(
     specs, prev = [], False
     for k in range(cfg.n_cells):
         red = k in reductions
-        C = 2 * C if red else C
+        C = cfg.reduction_channel_scale * C if red else C
         specs.append(CellSpec(red, prev, C_pp, C_p, C))
         C_pp, C_p, prev = C_p, mult["reduce" if red else "normal"] * C, red
     return specs, C_p

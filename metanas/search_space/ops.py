@@ -200,6 +200,9 @@ OPS: Mapping[str, Callable[[int, int], nn.Module]] = MappingProxyType(
         "sep_conv_3x3": lambda C, stride: SepConv(C, 3, stride),
         "sep_conv_5x5": lambda C, stride: SepConv(C, 5, stride),
         "dil_conv_3x3": lambda C, stride: DilConv(C, C, 3, stride, 2, 2),
+        # MetaNAS's "conv_3x3" (boschresearch/metanas models/ops.py): one depthwise-separable
+        # 3x3 (DilConv with dilation 1), not a dense 3x3 convolution
+        "dw_conv_3x3": lambda C, stride: DilConv(C, C, 3, stride, 1, 1),
         "dil_conv_5x5": lambda C, stride: DilConv(C, C, 5, stride, 4, 2),
     }
 )
@@ -211,13 +214,19 @@ OP_PRESETS: Mapping[str, tuple[str, ...]] = MappingProxyType(
             "max_pool_3x3", "avg_pool_3x3", "skip_connect", "conv_1x5_5x1",
             "conv_3x3", "sep_conv_3x3", "dil_conv_3x3",
         ),
+        "metanas": (
+            "max_pool_3x3", "avg_pool_3x3", "skip_connect", "conv_1x5_5x1",
+            "dw_conv_3x3", "sep_conv_3x3", "dil_conv_3x3",
+        ),
         "darts": (
             "none", "max_pool_3x3", "avg_pool_3x3", "skip_connect",
             "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5",
         ),
     }
 )
-"""Named op sets: ``fewshot`` (MetaNAS, 7 ops) and ``darts`` (DARTS, 8 ops incl. ``none``)."""
+"""Named op sets: ``fewshot`` (MetaNAS's 7 few-shot ops, its ``conv_3x3`` as a dense 3x3
+convolution), ``metanas`` (the same 7 with MetaNAS's own depthwise-separable ``conv_3x3``,
+here ``dw_conv_3x3``: the authors' network size) and ``darts`` (DARTS, 8 ops incl. ``none``)."""
 
 
 def build_op(name: str, C: int, stride: int) -> nn.Module:
