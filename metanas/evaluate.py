@@ -84,6 +84,19 @@ class EvalResult:
         """``'97.31 +- 0.41 % (600 tasks)'``."""
         return f"{100 * self.accuracy:.2f} +- {100 * self.ci95:.2f} % ({self.n_tasks} tasks)"
 
+    def architecture_gain(self) -> tuple[float, float] | None:
+        """The architecture adaptation gain: mean and 95% CI half-width of the paired
+        per-task difference ``accuracy - frozen_alpha_accuracy`` (same tasks, same weights'
+        adaptation; only the alphas' adaptation differs), or None without that comparison."""
+        frozen = self.extras.get(FROZEN)
+        if frozen is None:
+            return None
+        return mean_ci95([a - f for a, f in zip(self.accuracies, frozen)])
+
+
+FROZEN = "frozen_alpha_accuracy"
+"""Key in :attr:`EvalResult.extras`: each task's accuracy with the alphas frozen at the meta-alphas."""
+
 
 def diversity(genotypes: Sequence[Genotype], reference: Genotype | None) -> dict[str, float]:
     """How much the task architectures differ: the one definition used by every meta-test.
@@ -145,6 +158,7 @@ def evaluate(
     progress: bool = False,
     pool: TaskPool | None = None,
     extra: Extra | None = None,
+    compare_frozen: bool = False,
 ) -> EvalResult:
     """Adapt to ``n_tasks`` tasks of ``split`` and measure query accuracy.
 
@@ -168,6 +182,16 @@ def evaluate(
         pool: adapts several tasks concurrently; it must have been built on ``net``.
         extra: per-task hook called with the (replica) network, the task, its adapted model
             and its genotype; its values are collected in :attr:`EvalResult.extras`.
+        compare_frozen: also adapt every task with the alphas frozen at the meta-alphas
+            (weights adapted as usual) and record its accuracy under ``extras[FROZEN]``, for
+            the paired :meth:`EvalResult.architecture_gain`. Ignored without alphas.
+
+    Architecture statistics: ``diversity`` (:func:`diversity`) holds, besides the task
+    genotypes' own statistics, ``mean_alpha_displacement`` (mean L2 norm over tasks of the
+    adapted minus the meta-alphas, all alpha tensors together) and the same statistics
+    prefixed ``noise_`` for a baseline: the meta-alphas moved by isotropic Gaussian noise of
+    each task's displacement size (seeded, so reproducible). Adaptation that does not beat
+    that baseline changes genotypes no more than noise would.
 
     Returns:
         An :class:`EvalResult`.
@@ -180,15 +204,26 @@ def evaluate(
     read_out = inner.temperature(inner.steps)
     reference = derive_genotype(alphas, search_space, temperature=read_out) if alphas else None
 
+    compare_frozen = compare_frozen and bool(alphas)
+
+    def score(replica: nn.Module, task: Task, adapted: Adapted) -> float:
+        with torch.no_grad():
+            return float(accuracy(predict_query(replica, adapted, task, transductive), task.query_y))
+
     def one(replica: nn.Module, task: Task) -> tuple[float, Genotype | None, Mapping[str, float]]:
         adapted = adapt(replica, weights, alphas, task.support_x, task.support_y, inner)
-        with torch.no_grad():
-            acc = float(accuracy(predict_query(replica, adapted, task, transductive), task.query_y))
         genotype = (
             derive_genotype(adapted.alphas, search_space, temperature=adapted.temperature)
             if adapted.alphas else None  # a fixed-architecture network has no genotype
         )
-        return acc, genotype, (extra(replica, task, adapted, genotype) if extra else {})
+        extras = dict(extra(replica, task, adapted, genotype)) if extra else {}
+        if genotype is not None:
+            extras[DISPLACEMENT] = _displacement(adapted.alphas, alphas)
+        if compare_frozen:
+            frozen = adapt(replica, weights, alphas, task.support_x, task.support_y, inner,
+                           adapt_alphas=False)
+            extras[FROZEN] = score(replica, task, frozen)
+        return score(replica, task, adapted), genotype, extras
 
     results: list[tuple[float, Genotype | None, Mapping[str, float]]] = []
     chunk = 2 * pool.workers
@@ -202,8 +237,36 @@ def evaluate(
     genotypes = [g for _, g, _ in results if g is not None]
     extras = {name: tuple(r[2][name] for r in results) for name in results[0][2]}
     mean, ci = mean_ci95(accs)
-    div = diversity(genotypes, reference) if genotypes else {}
+    div: dict[str, float] = {}
+    if genotypes:
+        sizes = extras.pop(DISPLACEMENT)
+        noise = _noise_genotypes(alphas, sizes, search_space, read_out)
+        div = {**diversity(genotypes, reference), "mean_alpha_displacement": float(np.mean(sizes)),
+               **{f"noise_{k}": v for k, v in diversity(noise, reference).items()}}
     return EvalResult(mean, ci, n_tasks, tuple(accs), tuple(genotypes), div, extras)
 
 
-__all__ = ["EvalResult", "Extra", "diversity", "evaluate", "mean_ci95", "predict_query"]
+DISPLACEMENT = "alpha_displacement"
+
+
+def _displacement(adapted: Mapping[str, Tensor], meta: Mapping[str, Tensor]) -> float:
+    """L2 norm of ``adapted - meta`` over all alpha tensors together."""
+    with torch.no_grad():
+        return float(torch.sqrt(sum(((adapted[k] - meta[k]) ** 2).sum() for k in meta)))
+
+
+def _noise_genotypes(
+    alphas: Mapping[str, Tensor], sizes: Sequence[float], space: SearchSpaceConfig, temperature: float
+) -> list[Genotype]:
+    """Genotypes of the meta-alphas moved by isotropic noise of each given L2 size (seed 0)."""
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for size in sizes:
+        noise = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in alphas.items()}
+        norm = float(torch.sqrt(sum((n**2).sum() for n in noise.values())))
+        moved = {k: alphas[k].cpu().double() + (size / max(norm, 1e-30)) * noise[k] for k in alphas}
+        out.append(derive_genotype(moved, space, temperature=temperature))
+    return out
+
+
+__all__ = ["FROZEN", "EvalResult", "Extra", "diversity", "evaluate", "mean_ci95", "predict_query"]

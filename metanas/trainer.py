@@ -75,6 +75,9 @@ class TrainerConfig:
         n_test_tasks: tasks of the final meta-test.
         test_inner_steps: inner steps at meta-validation/test time (None: as in training).
         transductive: batch statistics over the query set at evaluation (see evaluate.py).
+        compare_frozen_alphas: the meta-test also adapts every test task with the alphas
+            frozen at the meta-alphas, for the paired architecture adaptation gain
+            (:meth:`metanas.evaluate.EvalResult.architecture_gain`); doubles its cost.
         task_workers: threads that adapt the tasks of a meta-batch (and of an evaluation)
             concurrently; 0 picks one per CPU core on CPU (shared among the processes on the
             machine) and 1 on an accelerator. Results do not depend on it.
@@ -93,6 +96,7 @@ class TrainerConfig:
     n_test_tasks: int = 600
     test_inner_steps: int | None = None
     transductive: bool = True
+    compare_frozen_alphas: bool = True
     task_workers: int = 0
     progress: bool | None = None
 
@@ -367,12 +371,12 @@ class MetaTrainer:
         """Meta-validate the current meta-parameters on a fixed sequence of val tasks."""
         return self._evaluate("val", n_tasks or self.cfg.n_val_tasks, VAL_SEED, self.weights, self.alphas)
 
-    def _evaluate(self, split, n_tasks, seed_offset, weights, alphas) -> EvalResult:
+    def _evaluate(self, split, n_tasks, seed_offset, weights, alphas, compare_frozen=False) -> EvalResult:
         return evaluate(
             self.net, weights, alphas, self.sampler, split, n_tasks, self.eval_inner,
             self.search_space, np.random.default_rng([self.seed, seed_offset]),
             transductive=self.cfg.transductive, device=self.device, progress=self._progress(),
-            pool=self.pool,
+            pool=self.pool, compare_frozen=compare_frozen,
         )
 
     def fit(self) -> dict[str, float]:
@@ -435,9 +439,11 @@ class MetaTrainer:
         return dict(state["weights"]), dict(state["alphas"])
 
     def test(self, n_tasks: int | None = None) -> EvalResult:
-        """Meta-test the best validated meta-parameters on the test split."""
+        """Meta-test the best validated meta-parameters on the test split (with the
+        frozen-alpha comparison on the same tasks when ``compare_frozen_alphas``)."""
         weights, alphas = self.best_parameters()
-        return self._evaluate("test", n_tasks or self.cfg.n_test_tasks, TEST_SEED, weights, alphas)
+        return self._evaluate("test", n_tasks or self.cfg.n_test_tasks, TEST_SEED, weights, alphas,
+                              self.cfg.compare_frozen_alphas)
 
 
 __all__ = ["MetaTrainer", "TrainerConfig"]

@@ -78,3 +78,49 @@ def test_diversity_counts_distinct_architectures():
     assert d["most_common_share"] == 0.75
     assert d["changed_share"] == 0.25
     assert d["mean_distance_to_meta"] == pytest.approx(0.5 / 4)
+
+
+def _float_tiny(tiny):
+    net, weights, alphas, space = tiny
+    return (net.float(), {k: v.float() for k, v in weights.items()},
+            {k: v.float() for k, v in alphas.items()}, space)
+
+
+def test_frozen_alpha_comparison_runs_the_same_tasks(tiny):
+    """extras[FROZEN] is each drawn task adapted with frozen alphas: recomputed here by hand."""
+    from metanas.evaluate import FROZEN
+
+    net, weights, alphas, space = _float_tiny(tiny)
+    inner = InnerLoopConfig(steps=2, lr_weights=0.1, lr_alphas=0.5)
+    result = evaluate(net, weights, alphas, RandomTasks(), "test", 4, inner, space,
+                      np.random.default_rng(3), compare_frozen=True)
+    rng = np.random.default_rng(3)
+    by_hand = []
+    for _ in range(4):
+        task = RandomTasks().sample("test", rng)
+        frozen = adapt(net, weights, alphas, task.support_x, task.support_y, inner, adapt_alphas=False)
+        with torch.no_grad():
+            logits = predict(net, frozen, task.query_x)
+        by_hand.append(float((logits.argmax(-1) == task.query_y).float().mean()))
+    assert list(result.extras[FROZEN]) == by_hand
+    gain, ci = result.architecture_gain()
+    diffs = [a - f for a, f in zip(result.accuracies, by_hand)]
+    assert gain == pytest.approx(np.mean(diffs)) and ci == pytest.approx(mean_ci95(diffs)[1])
+    # without alpha adaptation both runs are one and the same: a gain of exactly zero
+    still = evaluate(net, weights, alphas, RandomTasks(), "test", 4, replace(inner, lr_alphas=0.0),
+                     space, np.random.default_rng(3), compare_frozen=True)
+    assert still.architecture_gain() == (0.0, 0.0)
+
+
+def test_noise_baseline_has_the_adaptations_size(tiny):
+    """Zero displacement gives a noise baseline identical to the meta-architecture."""
+    net, weights, alphas, space = _float_tiny(tiny)
+    frozen = evaluate(net, weights, alphas, RandomTasks(), "test", 3,
+                      InnerLoopConfig(steps=1, lr_alphas=0.0), space, np.random.default_rng(0))
+    assert frozen.diversity["mean_alpha_displacement"] == 0.0
+    assert frozen.diversity["noise_changed_share"] == 0.0
+    moved = evaluate(net, weights, alphas, RandomTasks(), "test", 3,
+                     InnerLoopConfig(steps=3, lr_alphas=50.0), space, np.random.default_rng(0))
+    assert moved.diversity["mean_alpha_displacement"] > 0.1
+    # noise of that size moves genotypes too: the baseline is not trivially zero
+    assert moved.diversity["noise_mean_distance_to_meta"] > 0
