@@ -451,3 +451,18 @@ def test_prune_threshold_at_or_above_uniform_is_refused():
     a = (1e-3 * torch.randn(3, 7, generator=torch.Generator().manual_seed(0))).requires_grad_()
     normalize_alphas(a, 1.0, 1 / 7).sum().backward()
     assert torch.count_nonzero(a.grad) == 0
+
+
+def test_genotype_has_only_the_cell_kinds_the_network_has():
+    """A network of reduction cells alone reports no normal cell (its normal alphas are unread)."""
+    only_red = SearchSpaceConfig(channels=4, n_cells=2, n_nodes=2, reduction_cells=(0, 1))
+    g = derive_genotype(init_alphas(only_red, generator=torch.Generator().manual_seed(0)), only_red)
+    assert g.normal == () and g.normal_concat == () and len(g.reduce) == 2
+    no_red = SearchSpaceConfig(channels=4, n_cells=2, n_nodes=2, reduction_cells=())
+    g = derive_genotype(init_alphas(no_red), no_red)
+    assert g.reduce == () and len(g.normal) == 2
+    # the discrete network of the reductions-only genotype builds and runs
+    net = DiscreteNetwork.from_supernet(
+        derive_genotype(init_alphas(only_red), only_red), only_red,
+        dict(SearchNetwork(only_red).named_parameters()))
+    assert net(torch.randn(2, 1, 16, 16)).shape == (2, 5)

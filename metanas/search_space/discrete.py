@@ -111,7 +111,8 @@ class DiscreteNetwork(nn.Module):
     def __init__(self, genotype: Genotype, cfg: SearchSpaceConfig) -> None:
         super().__init__()
         has_reduce = bool(cfg.resolved_reduction_cells())
-        _check_cell("normal", genotype.normal, genotype.normal_concat, cfg)
+        if len(cfg.resolved_reduction_cells()) < cfg.n_cells:  # a normal cell is read
+            _check_cell("normal", genotype.normal, genotype.normal_concat, cfg)
         if has_reduce:
             _check_cell("reduce", genotype.reduce, genotype.reduce_concat, cfg)
         elif genotype.reduce or genotype.reduce_concat:

@@ -77,7 +77,8 @@ class Genotype:
         normal: for each intermediate node, its chosen ``(op_name, input_index)`` pairs; inputs
             0 and 1 are the cell inputs, ``2 + m`` is intermediate node ``m``.
         normal_concat: state indices concatenated into the cell output.
-        reduce, reduce_concat: the same for reduction cells (empty without reduction cells).
+        reduce, reduce_concat: the same for reduction cells (empty without reduction cells;
+            ``normal`` is empty for a network of reduction cells alone).
 
     Lists are accepted and normalised to tuples; malformed structure raises ConfigError.
     """
@@ -181,7 +182,8 @@ def derive_genotype(
     softmaxed pairwise edge weight when ``cfg.pairwise_input_alphas``); the ``k`` strongest edges
     are kept (``k`` capped at the node's ``2 + i`` inputs) and listed in ascending input order,
     each with its strongest non-``none`` op. Ties go to the lowest index. ``concat`` is all
-    intermediate nodes, ``(2, ..., 1 + n_nodes)``.
+    intermediate nodes, ``(2, ..., 1 + n_nodes)``. A cell kind the network does not have
+    (no normal cell, or no reduction cell) is left empty.
 
     Args:
         alphas: the dict of :func:`alpha_shapes` (any float dtype/device).
@@ -206,12 +208,15 @@ def derive_genotype(
                 else None
             )
             cells[kind] = _derive_cell(w, beta, cfg.ops, cfg.n_nodes, k)
-    has_reduce = "reduce" in cells
+    # only the cell kinds the network has: a supernet of reduction cells alone has normal
+    # alphas (the alpha layout is fixed) that no cell reads
+    reductions = cfg.resolved_reduction_cells()
+    kinds = {"normal": len(reductions) < cfg.n_cells, "reduce": bool(reductions)}
     return Genotype(
-        normal=cells["normal"],
-        normal_concat=concat,
-        reduce=cells.get("reduce", ()),
-        reduce_concat=concat if has_reduce else (),
+        normal=cells["normal"] if kinds["normal"] else (),
+        normal_concat=concat if kinds["normal"] else (),
+        reduce=cells.get("reduce", ()) if kinds["reduce"] else (),
+        reduce_concat=concat if kinds["reduce"] and "reduce" in cells else (),
     )
 
 
