@@ -48,6 +48,8 @@ class InnerLoopConfig:
         lr_alphas: inner learning rate of the architecture parameters.
         optimizer: name of a registered inner optimiser (:mod:`metanas.inner_optim`):
             "sgd", "adam" or one of your own.
+        optimizer_alphas: the alphas' own inner optimiser (e.g. "adam" for scale-free alpha
+            steps beside "sgd" for the weights); None uses ``optimizer`` for both.
         betas: Adam's moment decay rates.
         eps: Adam's epsilon, added to ``sqrt(v_hat)`` as in ``torch.optim.Adam``.
         temperature_start: alpha softmax temperature at the first inner step.
@@ -59,6 +61,7 @@ class InnerLoopConfig:
     lr_weights: float = 0.1
     lr_alphas: float = 0.1
     optimizer: str = "sgd"
+    optimizer_alphas: str | None = None
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     temperature_start: float = 1.0
@@ -73,21 +76,25 @@ class InnerLoopConfig:
                 f"inner learning rates must be >= 0, got lr_weights={self.lr_weights}, "
                 f"lr_alphas={self.lr_alphas}"
             )
-        if self.optimizer not in INNER_OPTIMIZERS:
-            raise ConfigError(
-                f"inner.optimizer={self.optimizer!r} is unknown; use one of "
-                f"{', '.join(map(repr, INNER_OPTIMIZERS))} or register your own with "
-                "metanas.inner_optim.register_inner_optimizer"
-            )
+        for key in ("optimizer", "optimizer_alphas"):
+            name = getattr(self, key)
+            if name not in INNER_OPTIMIZERS and (key == "optimizer" or name is not None):
+                raise ConfigError(
+                    f"inner.{key}={name!r} is unknown; use one of "
+                    f"{', '.join(map(repr, INNER_OPTIMIZERS))} or register your own with "
+                    "metanas.inner_optim.register_inner_optimizer"
+                )
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"inner.betas={self.betas} must be two numbers in [0, 1)")
         # validates the temperatures and the schedule name
         self.temperature(0)
 
-    def inner_optimizer(self) -> InnerOptimizer:
-        """The registered optimiser ``optimizer`` names, built with these settings."""
-        return INNER_OPTIMIZERS[self.optimizer](self)
+    def inner_optimizer(self, group: str = "weights") -> InnerOptimizer:
+        """The registered optimiser of ``group`` ("weights" or "alphas"), built with these
+        settings."""
+        name = self.optimizer_alphas if group == "alphas" and self.optimizer_alphas else self.optimizer
+        return INNER_OPTIMIZERS[name](self)
 
     def temperature(self, step: int) -> float:
         """Softmax temperature at inner step ``step`` (``steps`` is the read-out)."""
@@ -217,9 +224,9 @@ def adapt(
     """
     w, a = grads.start(weights, alphas, create_graph, adapt_alphas)
     names_w, names_a = list(w), (list(a) if adapt_alphas else [])
-    lrs = [cfg.lr_weights] * len(names_w) + [cfg.lr_alphas] * len(names_a)
-    optimizer = cfg.inner_optimizer()
-    state = None
+    # (optimiser, tensors, names, learning rate, state) of the weights and of the alphas
+    groups = [[cfg.inner_optimizer("weights"), w, names_w, cfg.lr_weights, None],
+              [cfg.inner_optimizer("alphas"), a, names_a, cfg.lr_alphas, None]]
     losses = []
     for step in range(cfg.steps):
         def support_loss(w_: Params, a_: Params, temperature: float = cfg.temperature(step)):
@@ -228,16 +235,15 @@ def adapt(
 
         g_w, g_a, loss = grads.loss_grads(support_loss, w, a, names_a, create_graph)
         losses.append(loss)
-        current = [w[n] for n in names_w] + [a[n] for n in names_a]
-        if state is None:
-            state = optimizer.init(current)
-        with grads.step_context(create_graph):
-            new, state = optimizer.update(
-                current, [g_w[n] for n in names_w] + [g_a[n] for n in names_a], lrs, state, step
-            )
-        new = grads.after_step(new, create_graph)
-        w.update(zip(names_w, new[: len(names_w)]))
-        a.update(zip(names_a, new[len(names_w):]))
+        for group, g in zip(groups, (g_w, g_a)):
+            opt, params, names, lr, state = group
+            if not names:
+                continue
+            current = [params[n] for n in names]
+            state = opt.init(current) if state is None else state
+            with grads.step_context(create_graph):
+                new, group[4] = opt.update(current, [g[n] for n in names], [lr] * len(names), state, step)
+            params.update(zip(names, grads.after_step(new, create_graph)))
     return Adapted(w, a, cfg.temperature(cfg.steps), tuple(losses))
 
 

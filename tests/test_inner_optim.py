@@ -80,3 +80,26 @@ def test_unknown_optimiser_names_the_registry():
         InnerLoopConfig(optimizer="nesterov_typo")
     with pytest.raises(ValueError, match="registered already"):
         register_inner_optimizer("sgd")(lambda cfg: None)
+
+
+def test_alphas_can_have_their_own_optimiser(tiny):
+    """optimizer=sgd, optimizer_alphas=adam: SGD on the weights, torch.optim.Adam on the alphas."""
+    net, weights, alphas, _ = tiny
+    task = make_task(9)
+    cfg = InnerLoopConfig(steps=3, lr_weights=0.05, lr_alphas=0.01, optimizer="sgd",
+                          optimizer_alphas="adam")
+    ours = adapt(net, weights, alphas, task.support_x, task.support_y, cfg)
+    w = {k: v.detach().clone().requires_grad_(True) for k, v in weights.items()}
+    a = {k: v.detach().clone().requires_grad_(True) for k, v in alphas.items()}
+    sgd = torch.optim.SGD(list(w.values()), lr=0.05)
+    adam = torch.optim.Adam(list(a.values()), lr=0.01)
+    for _ in range(3):
+        sgd.zero_grad(), adam.zero_grad()
+        F.cross_entropy(forward(net, w, a, task.support_x, 1.0), task.support_y).backward()
+        sgd.step(), adam.step()
+    for k in w:
+        torch.testing.assert_close(ours.weights[k], w[k], rtol=1e-9, atol=1e-12)
+    for k in a:
+        torch.testing.assert_close(ours.alphas[k], a[k], rtol=1e-9, atol=1e-12)
+    with pytest.raises(ConfigError, match="optimizer_alphas"):
+        InnerLoopConfig(optimizer_alphas="adamw_typo")
