@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -55,6 +56,17 @@ class InnerLoopConfig:
         temperature_start: alpha softmax temperature at the first inner step.
         temperature_end: temperature at the read-out after the last step.
         temperature_schedule: "linear", "exponential" or "constant".
+        batch_size: support images per inner update; None (or at least the support size)
+            takes the whole support set in every update (``steps`` updates). Smaller: each
+            of the ``steps`` epochs is one pass over the support set in shuffled mini-batches
+            of ``batch_size`` (the last one smaller), as MetaNAS's task optimiser does; the
+            temperature follows the epoch. Batch-norm statistics are then those of each
+            mini-batch. The shuffle order of epoch ``e`` is
+            ``numpy.random.default_rng(shuffle_seed * 1000003 + e).permutation(n_support)``
+            (numpy, so that it is drawn the same inside ``vmap``; task labels are a
+            random relabelling, so batches still mix classes differently in every task): runs
+            reproduce and every engine agrees.
+        shuffle_seed: seed of the mini-batch order.
     """
 
     steps: int = 5
@@ -67,6 +79,8 @@ class InnerLoopConfig:
     temperature_start: float = 1.0
     temperature_end: float = 1.0
     temperature_schedule: str = "linear"
+    batch_size: int | None = None
+    shuffle_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -87,8 +101,25 @@ class InnerLoopConfig:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"inner.betas={self.betas} must be two numbers in [0, 1)")
+        if self.batch_size is not None and (
+            isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1
+        ):
+            raise ConfigError(
+                f"inner.batch_size={self.batch_size!r} must be a positive integer, or null for "
+                "the whole support set"
+            )
         # validates the temperatures and the schedule name
         self.temperature(0)
+
+    def batches(self, n_support: int) -> list[list[Tensor | None]]:
+        """Per epoch, the index tensors of its mini-batches (``[None]``: the whole set)."""
+        if self.batch_size is None or self.batch_size >= n_support:
+            return [[None] for _ in range(self.steps)]
+        out = []
+        for epoch in range(self.steps):
+            perm = np.random.default_rng(self.shuffle_seed * 1_000_003 + epoch).permutation(n_support)
+            out.append(list(torch.from_numpy(perm).split(self.batch_size)))
+        return out
 
     def inner_optimizer(self, group: str = "weights") -> InnerOptimizer:
         """The registered optimiser of ``group`` ("weights" or "alphas"), built with these
@@ -115,7 +146,8 @@ class Adapted:
         weights: adapted network weights, name -> tensor.
         alphas: adapted architecture parameters, name -> tensor.
         temperature: the temperature at which the adapted model is read out.
-        support_losses: detached support loss before each inner step, ``steps`` 0-dim tensors.
+        support_losses: detached support loss before each inner update, 0-dim tensors
+            (one per step; with mini-batches, one per mini-batch: that batch's loss).
     """
 
     weights: Params
@@ -228,22 +260,27 @@ def adapt(
     groups = [[cfg.inner_optimizer("weights"), w, names_w, cfg.lr_weights, None],
               [cfg.inner_optimizer("alphas"), a, names_a, cfg.lr_alphas, None]]
     losses = []
-    for step in range(cfg.steps):
-        def support_loss(w_: Params, a_: Params, temperature: float = cfg.temperature(step)):
-            loss = F.cross_entropy(forward(net, w_, a_, support_x, temperature, buffers), support_y)
-            return loss, loss.detach()
+    update = 0  # counts optimiser updates (Adam's bias correction), epochs count temperatures
+    for epoch, batches in enumerate(cfg.batches(support_x.shape[0])):
+        for index in batches:
+            x, y = (support_x, support_y) if index is None else (support_x[index], support_y[index])
 
-        g_w, g_a, loss = grads.loss_grads(support_loss, w, a, names_a, create_graph)
-        losses.append(loss)
-        for group, g in zip(groups, (g_w, g_a)):
-            opt, params, names, lr, state = group
-            if not names:
-                continue
-            current = [params[n] for n in names]
-            state = opt.init(current) if state is None else state
-            with grads.step_context(create_graph):
-                new, group[4] = opt.update(current, [g[n] for n in names], [lr] * len(names), state, step)
-            params.update(zip(names, grads.after_step(new, create_graph)))
+            def support_loss(w_: Params, a_: Params, x=x, y=y, temperature=cfg.temperature(epoch)):
+                loss = F.cross_entropy(forward(net, w_, a_, x, temperature, buffers), y)
+                return loss, loss.detach()
+
+            g_w, g_a, loss = grads.loss_grads(support_loss, w, a, names_a, create_graph)
+            losses.append(loss)
+            for group, g in zip(groups, (g_w, g_a)):
+                opt, params, names, lr, state = group
+                if not names:
+                    continue
+                current = [params[n] for n in names]
+                state = opt.init(current) if state is None else state
+                with grads.step_context(create_graph):
+                    new, group[4] = opt.update(current, [g[n] for n in names], [lr] * len(names), state, update)
+                params.update(zip(names, grads.after_step(new, create_graph)))
+            update += 1
     return Adapted(w, a, cfg.temperature(cfg.steps), tuple(losses))
 
 
