@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from metanas.tasks import Split, Task, TaskSampler
 
 from .functional import accuracy
-from .inner import Adapted, InnerLoopConfig, adapt, predict
+from .inner import Adapted, InnerLoopConfig, adapt, alpha_displacement, predict
 from .engines import TaskPool
 from .search_space import (
     Genotype,
@@ -218,7 +218,7 @@ def evaluate(
         )
         extras = dict(extra(replica, task, adapted, genotype)) if extra else {}
         if genotype is not None:
-            extras[DISPLACEMENT] = _displacement(adapted.alphas, alphas)
+            extras[DISPLACEMENT] = float(alpha_displacement(adapted.alphas, alphas))
         if compare_frozen:
             frozen = adapt(replica, weights, alphas, task.support_x, task.support_y, inner,
                            adapt_alphas=False)
@@ -247,12 +247,6 @@ def evaluate(
 
 
 DISPLACEMENT = "alpha_displacement"
-
-
-def _displacement(adapted: Mapping[str, Tensor], meta: Mapping[str, Tensor]) -> float:
-    """L2 norm of ``adapted - meta`` over all alpha tensors together."""
-    with torch.no_grad():
-        return float(torch.sqrt(sum(((adapted[k] - meta[k]) ** 2).sum() for k in meta)))
 
 
 def _noise_genotypes(

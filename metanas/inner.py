@@ -284,6 +284,14 @@ def adapt(
     return Adapted(w, a, cfg.temperature(cfg.steps), tuple(losses))
 
 
+def alpha_displacement(adapted: Mapping[str, Tensor], alphas: Mapping[str, Tensor]) -> Tensor:
+    """How far adaptation moved the architecture: the L2 norm, over all alpha tensors
+    together, of ``adapted - alphas`` (0-dim, no graph; 0 without alphas)."""
+    with torch.no_grad():
+        total = sum((((adapted[k] - v) ** 2).sum() for k, v in alphas.items()), torch.zeros(()))
+        return total.sqrt()
+
+
 def predict(
     net: nn.Module,
     adapted: Adapted,
@@ -306,4 +314,4 @@ def query_loss(
     return F.cross_entropy(logits, query_y), accuracy(logits, query_y)
 
 
-__all__ = ["AUTOGRAD", "FUNC", "Adapted", "InnerLoopConfig", "adapt", "predict", "query_loss"]
+__all__ = ["AUTOGRAD", "FUNC", "Adapted", "InnerLoopConfig", "adapt", "alpha_displacement", "predict", "query_loss"]

@@ -103,3 +103,18 @@ def test_alphas_can_have_their_own_optimiser(tiny):
         torch.testing.assert_close(ours.alphas[k], a[k], rtol=1e-9, atol=1e-12)
     with pytest.raises(ConfigError, match="optimizer_alphas"):
         InnerLoopConfig(optimizer_alphas="adamw_typo")
+
+
+@pytest.mark.parametrize("algo_cls", [Reptile, FOMAML, MAML])
+def test_alpha_displacement_is_the_norm_of_the_alpha_move(tiny, algo_cls):
+    """With one task Reptile's alpha direction is meta - adapted: its norm is the displacement,
+    and every algorithm reports the same size (same inner loop); 0 with frozen alphas."""
+    net, weights, alphas, _ = tiny
+    task = [make_task(4)]
+    cfg = InnerLoopConfig(steps=2, lr_weights=0.05, lr_alphas=0.3)
+    reptile = Reptile(batching="loop").meta_gradients(net, weights, alphas, task, cfg)
+    by_hand = float(torch.sqrt(sum((g**2).sum() for g in reptile.alphas.values())))
+    ours = algo_cls(batching="vmap").meta_gradients(net, weights, alphas, task, cfg)
+    assert ours.alpha_displacement == pytest.approx(by_hand, rel=1e-9) and by_hand > 0
+    frozen = algo_cls(batching="loop").meta_gradients(net, weights, alphas, task, cfg, adapt_alphas=False)
+    assert frozen.alpha_displacement == 0.0

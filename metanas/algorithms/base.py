@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ..engines import TaskPool, TaskTensors, resolve_batching, stack_tasks, vmap_tasks
 from ..errors import ConfigError
 from ..functional import Params
-from ..inner import AUTOGRAD, FUNC, Adapted, Grads, InnerLoopConfig
+from ..inner import AUTOGRAD, FUNC, Adapted, Grads, InnerLoopConfig, alpha_displacement
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,9 @@ class MetaGradients:
         query_loss: mean query cross-entropy of the adapted models.
         query_accuracy: mean query accuracy of the adapted models.
         support_loss: mean support loss before adaptation (the first inner step).
+        alpha_displacement: mean over tasks of the L2 norm (all alpha tensors together) of
+            the adapted minus the meta-alphas: how far task adaptation moves the
+            architecture (0 when the alphas are frozen).
     """
 
     weights: Params
@@ -48,6 +51,7 @@ class MetaGradients:
     query_loss: float
     query_accuracy: float
     support_loss: float
+    alpha_displacement: float = 0.0
 
 
 class TaskTerms(NamedTuple):
@@ -58,6 +62,8 @@ class TaskTerms(NamedTuple):
         alphas: name -> the task's term of the alphas' meta-gradient (``{}`` when frozen).
         query_loss, query_accuracy: 0-dim statistics of the adapted model on the query set.
         support_loss: 0-dim support loss before adaptation (NaN without inner steps).
+        alpha_displacement: 0-dim L2 norm of the adapted minus the meta-alphas
+            (:func:`metanas.inner.alpha_displacement`).
     """
 
     weights: Params
@@ -65,6 +71,7 @@ class TaskTerms(NamedTuple):
     query_loss: Tensor
     query_accuracy: Tensor
     support_loss: Tensor
+    alpha_displacement: Tensor
 
 
 @runtime_checkable
@@ -191,6 +198,7 @@ class TaskwiseAlgorithm:
                 query_loss=float(terms.query_loss.mean()),
                 query_accuracy=float(terms.query_accuracy.mean()),
                 support_loss=float(terms.support_loss.mean()),
+                alpha_displacement=float(terms.alpha_displacement.mean()),
             )
 
         def one(replica: nn.Module, task: Any) -> TaskTerms:
@@ -206,7 +214,7 @@ class TaskwiseAlgorithm:
             alphas=_mean([p.alphas for p in parts]) if adapt_alphas else None,
             **{
                 stat: sum(float(getattr(p, stat)) for p in parts) / n
-                for stat in ("query_loss", "query_accuracy", "support_loss")
+                for stat in ("query_loss", "query_accuracy", "support_loss", "alpha_displacement")
             },
         )
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..inner import adapt, query_loss
+from ..inner import adapt, alpha_displacement, query_loss
 from .base import TaskTerms, TaskwiseAlgorithm, first_support_loss
 
 
@@ -29,7 +29,8 @@ class _MAMLBase(TaskwiseAlgorithm):
 
         def query(adapted):
             loss, acc = query_loss(net, adapted, task.query_x, task.query_y)
-            return loss, (loss.detach(), acc.detach(), first_support_loss(adapted, loss))
+            return loss, (loss.detach(), acc.detach(), first_support_loss(adapted, loss),
+                          alpha_displacement(adapted.alphas, alphas))
 
         if self.second_order:  # differentiate back to the meta-parameters
             g_w, g_a, stats = grads.loss_grads(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..inner import adapt, query_loss
+from ..inner import adapt, alpha_displacement, query_loss
 from .base import TaskTerms, TaskwiseAlgorithm, first_support_loss
 
 
@@ -28,5 +28,5 @@ class Reptile(TaskwiseAlgorithm):
             return TaskTerms(
                 {n: weights[n] - adapted.weights[n] for n in weights},
                 {n: alphas[n] - adapted.alphas[n] for n in alphas} if adapt_alphas else {},
-                loss, acc, first_support_loss(adapted, loss),
+                loss, acc, first_support_loss(adapted, loss), alpha_displacement(adapted.alphas, alphas),
             )
