@@ -5,12 +5,9 @@ inner-loop settings, meta-optimiser factories) and knows nothing about Hydra. Al
 of the task sequence comes from one ``numpy.random.Generator`` whose state is checkpointed, so
 a run resumed from its last checkpoint continues exactly as if it had never stopped.
 
-Files written into ``run_dir``:
-
-- ``checkpoints/last.ckpt``: full state, every ``ckpt_every`` meta-steps and at the end;
-- ``checkpoints/best.ckpt``: the state with the best meta-validation accuracy so far;
-- ``train_log.csv``: one row per meta-step (losses, accuracies, learning rates, time);
-- ``learning_curves.png`` (and TensorBoard events if asked for): see :mod:`metanas.logger`.
+Into ``run_dir`` (file names: :mod:`metanas.rundir`) go ``checkpoints/last.ckpt`` (the full
+state, every ``ckpt_every`` meta-steps and at the end), ``checkpoints/best.ckpt`` (the state
+with the best meta-validation accuracy so far) and the logs of :mod:`metanas.logger`.
 
 With several processes (:mod:`metanas.distributed`) every process draws the same meta-batch
 from the same generator and adapts its share of it; the meta-gradients are averaged over all
@@ -36,6 +33,7 @@ from tqdm.auto import tqdm
 
 from metanas.tasks import TaskSampler, check_sampler
 
+from . import rundir
 from .algorithms import MetaAlgorithm
 from .algorithms.base import MetaGradients
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -300,13 +298,9 @@ class MetaTrainer:
             log.warning("resuming with settings that differ from the checkpoint: %s", ", ".join(changed))
         log.info("resumed from %s at meta-step %d", path, self.step)
 
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
-
-    def save(self, name: str = "last.ckpt") -> Path:
+    def save(self, name: str = rundir.LAST_CKPT) -> Path:
         """Write the full state atomically to ``run_dir/checkpoints/<name>`` (rank 0 only)."""
-        path = self.checkpoint_dir / name
+        path = rundir.checkpoint_path(self.run_dir, name)
         if self.dist.is_main:
             save_checkpoint(path, self.state_dict())
         return path
@@ -411,7 +405,7 @@ class MetaTrainer:
                         self.train_time / max(self.step, 1),
                     )
                 if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == cfg.meta_steps:
-                    self.save("last.ckpt")
+                    self.save(rundir.LAST_CKPT)
                     self._write_log()
         finally:
             bar.close()
@@ -424,11 +418,11 @@ class MetaTrainer:
         log.info("meta-validation at step %d: %s", self.step, result.summary())
         if result.accuracy > self.best.get("val_accuracy", -1.0):
             self.best = {"val_accuracy": result.accuracy, "val_ci95": result.ci95, "step": float(self.step)}
-            self.save("best.ckpt")
+            self.save(rundir.BEST_CKPT)
 
     def best_parameters(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Meta-weights and meta-alphas of the best validated state (the current ones if none)."""
-        path = self.checkpoint_dir / "best.ckpt"
+        path = rundir.checkpoint_path(self.run_dir, rundir.BEST_CKPT)
         if not self.best or not path.is_file():
             return dict(self.weights), dict(self.alphas)
         state = load_checkpoint(path, self.search_space.to_dict(), self.device)
