@@ -54,8 +54,8 @@ from .errors import ConfigError, DataError, MetaNASError
 from .hydra_utils import build, output_dir
 from .export import (
     StandaloneClassifier,
-    count_flops,
     count_parameters,
+    flops_per_image,
     onnx_bytes,
     torchscript_bytes,
 )
@@ -145,7 +145,7 @@ def _export(task: AdaptedTask, pixels: _Pixels, channels: int, size: int, class_
                   "note": "batch statistics: classify several images in one batch"},
         "genotype": task.genotype.to_dict(),
         "parameters": count_parameters(model),
-        "flops_per_image": count_flops(model, example),
+        "flops_per_image": flops_per_image(model, example),
     }
     files: dict[str, Any] = {rundir.MODEL_INFO: info}
     if cfg.export:
