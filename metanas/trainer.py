@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from metanas.tasks import TaskSampler, check_sampler
@@ -212,9 +214,7 @@ class MetaTrainer:
         # A fixed-architecture network (e.g. metanas.baselines.Conv4) has no alphas, hence no
         # alpha optimiser; everything else runs unchanged.
         self.opt_alphas = alphas_optimizer(self.alphas.values()) if self.alphas else None
-        for opt in self._optimizers():
-            for group in opt.param_groups:
-                group.setdefault("initial_lr", group["lr"])
+        self._start_lr_schedules(0)
         self.rng = np.random.default_rng(seed)
         self.step = 0
         self.train_time = 0.0
@@ -236,14 +236,17 @@ class MetaTrainer:
         return [o for o in (self.opt_weights, self.opt_alphas) if o is not None]
 
     # ----------------------------------------------------------------- state
-    def _set_learning_rates(self) -> None:
-        """Meta learning rates of the current step (derived from the step, not stored)."""
-        factor = 1.0
-        if self.cfg.meta_lr_schedule == "linear" and self.cfg.meta_steps > 0:
-            factor = max(0.0, 1.0 - self.step / self.cfg.meta_steps)
-        for opt in self._optimizers():
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * factor
+    def _start_lr_schedules(self, step: int) -> None:
+        """``LambdaLR`` schedules of both meta learning rates (``cfg.meta_lr_schedule``) at ``step``."""
+        n = self.cfg.meta_steps if self.cfg.meta_lr_schedule == "linear" else 0
+        factor = (lambda k: max(0.0, 1.0 - k / n)) if n > 0 else (lambda k: 1.0)
+        self.lr_schedules = [LambdaLR(o, factor, last_epoch=step - 1) for o in self._optimizers()]
+
+    def _next_learning_rates(self) -> None:
+        """Both schedules one meta-step on (quietly: the alphas' optimiser rests in warm-up)."""
+        with warnings.catch_warnings(action="ignore", category=UserWarning):
+            for schedule in self.lr_schedules:
+                schedule.step()
 
     @property
     def weights(self) -> dict[str, nn.Parameter]:
@@ -283,6 +286,7 @@ class MetaTrainer:
         self.train_time = float(state["train_time"])
         self.best = dict(state["best"])
         self.history = list(state["history"])
+        self._start_lr_schedules(self.step)  # from the step: no checkpoint holds a schedule state
 
     def resume(self, path: str | Path) -> None:
         """Load a checkpoint written by this trainer (same search space) and continue from it.
@@ -321,7 +325,6 @@ class MetaTrainer:
         # every process draws the whole meta-batch (keeps the generators in step) and keeps its share
         tasks = [self.sampler.sample("train", self.rng) for _ in range(self.cfg.meta_batch_size)]
         tasks = [t.to(self.device) for t in self.dist.shard(tasks)]
-        self._set_learning_rates()
         adapt_alphas = bool(self.alphas) and self.step >= self.cfg.alpha_warmup_steps
         grads = self.algorithm.meta_gradients(
             self.net, self.weights, self.alphas, tasks, self.inner,
@@ -340,6 +343,7 @@ class MetaTrainer:
             "lr_weights": self.opt_weights.param_groups[0]["lr"],
             "lr_alphas": self.opt_alphas.param_groups[0]["lr"] if self.opt_alphas else 0.0,
         }
+        self._next_learning_rates()
         self.step += 1
         return row
 
