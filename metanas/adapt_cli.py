@@ -20,9 +20,6 @@ input ends with ``metanas-adapt: error: <what and how to fix it>`` and exit stat
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
 import sys
 from pathlib import Path
@@ -50,14 +47,15 @@ from .adaptation import (
     load_meta_model,
     wilson_ci95,
 )
-from .io import atomic_write_bytes, atomic_write_text, resolve_device
+from . import rundir
+from .io import resolve_device
 from .draw import draw_genotype
 from .errors import ConfigError, DataError, MetaNASError
 from .hydra_utils import build, output_dir
 from .export import (
     StandaloneClassifier,
-    count_flops,
     count_parameters,
+    flops_per_image,
     onnx_bytes,
     torchscript_bytes,
 )
@@ -84,7 +82,7 @@ class _Pixels:
 
 def _load_model(cfg: DictConfig, device: torch.device) -> MetaModel:
     if OmegaConf.is_missing(cfg, "checkpoint") or cfg.checkpoint in (None, ""):
-        raise ConfigError("no checkpoint given; pass checkpoint=<run dir>/checkpoints/best.ckpt")
+        raise ConfigError(f"no checkpoint given; pass checkpoint=<run dir>/{rundir.CHECKPOINTS}/{rundir.BEST_CKPT}")
     inner = OmegaConf.to_container(cfg.inner, resolve=True) if cfg.inner is not None else {}
     return load_meta_model(cfg.checkpoint, device, inner)
 
@@ -147,21 +145,21 @@ def _export(task: AdaptedTask, pixels: _Pixels, channels: int, size: int, class_
                   "note": "batch statistics: classify several images in one batch"},
         "genotype": task.genotype.to_dict(),
         "parameters": count_parameters(model),
-        "flops_per_image": count_flops(model, example),
+        "flops_per_image": flops_per_image(model, example),
     }
-    files = {}
+    files: dict[str, Any] = {rundir.MODEL_INFO: info}
     if cfg.export:
-        files["model.pt"] = torchscript_bytes(model, example, info)
+        files[rundir.TORCHSCRIPT] = torchscript_bytes(model, example, info)
         try:
             import onnx  # noqa: F401 - only to know whether the ONNX exporter can run
 
-            files["model.onnx"] = onnx_bytes(model, example)
+            files[rundir.ONNX] = onnx_bytes(model, example)
         except ImportError:
-            log.warning("onnx is not installed: model.onnx skipped (pip install 'metanas[export]')")
-    return {"info": info, "files": files}
+            log.warning("onnx is not installed: %s skipped (pip install 'metanas[export]')", rundir.ONNX)
+    return files
 
 
-def _mode_support(cfg: DictConfig, model: MetaModel, device: torch.device) -> tuple[dict, dict[str, bytes]]:
+def _mode_support(cfg: DictConfig, model: MetaModel, device: torch.device) -> tuple[dict, dict[str, Any]]:
     size = _image_size(cfg, model)
     channels = model.space.in_channels
     images, labels, class_names = _support(cfg, model, size)
@@ -174,7 +172,7 @@ def _mode_support(cfg: DictConfig, model: MetaModel, device: torch.device) -> tu
         "class_names": list(class_names), "support_images": len(labels),
         "image_size": size, "inner_steps": model.inner.steps, "finetune_steps": int(cfg.finetune_steps),
     }
-    files: dict[str, bytes] = {}
+    files: dict[str, Any] = {}
     with torch.no_grad():
         metrics["support_accuracy"] = float((task.discrete_logits(sx).argmax(-1) == sy).float().mean())
     if query is not None:
@@ -182,14 +180,12 @@ def _mode_support(cfg: DictConfig, model: MetaModel, device: torch.device) -> tu
         qx = pixels(q_images, device)
         probs = torch.softmax(task.discrete_logits(qx), -1).cpu()
         pred = probs.argmax(-1).numpy()
-        buf = io.StringIO()
-        writer = csv.writer(buf)
-        writer.writerow(["file", "predicted", *[f"p_{c}" for c in class_names],
-                         *(["label"] if q_labels is not None else [])])
-        for i, f in enumerate(q_files):
-            writer.writerow([f, class_names[pred[i]], *[f"{p:.6f}" for p in probs[i].tolist()],
-                             *([class_names[q_labels[i]]] if q_labels is not None else [])])
-        files["predictions.csv"] = buf.getvalue().encode()
+        files[rundir.PREDICTIONS] = [
+            {"file": f, "predicted": class_names[pred[i]],
+             **{f"p_{c}": f"{p:.6f}" for c, p in zip(class_names, probs[i].tolist())},
+             **({"label": class_names[q_labels[i]]} if q_labels is not None else {})}
+            for i, f in enumerate(q_files)
+        ]
         metrics["query"] = str(cfg.query)
         metrics["query_images"] = len(q_files)
         if q_labels is not None:
@@ -199,18 +195,15 @@ def _mode_support(cfg: DictConfig, model: MetaModel, device: torch.device) -> tu
                 metrics[name] = {"accuracy": acc, "ci95_low": low, "ci95_high": high,
                                  "ci95": (high - low) / 2, "interval": "wilson"}
             metrics["accuracy"] = metrics["discrete"]["accuracy"]
-    exported = _export(task, pixels, channels, size, class_names, cfg)
-    files.update(exported["files"])
-    files["model_info.json"] = json.dumps(exported["info"], indent=2).encode()
-    metrics["parameters"] = exported["info"]["parameters"]
-    metrics["flops_per_image"] = exported["info"]["flops_per_image"]
-    files["genotype.json"] = (task.genotype.to_json() + "\n").encode()
-    files["cells.png"] = draw_genotype(task.genotype, title="task architecture")
+    files.update(_export(task, pixels, channels, size, class_names, cfg))
+    metrics.update({k: files[rundir.MODEL_INFO][k] for k in ("parameters", "flops_per_image")})
+    files[rundir.GENOTYPE] = task.genotype.to_dict()
+    files[rundir.CELLS] = draw_genotype(task.genotype, title="task architecture")
     return metrics, files
 
 
 # ----------------------------------------------------------------------------- mode B
-def _mode_sampled(cfg: DictConfig, model: MetaModel, device: torch.device) -> tuple[dict, dict[str, bytes]]:
+def _mode_sampled(cfg: DictConfig, model: MetaModel, device: torch.device) -> tuple[dict, dict[str, Any]]:
     if cfg.get("task") is not None and cfg.data is not None:
         raise ConfigError("give either data=<image folder> or task=<sampler config>, not both")
     if cfg.data is not None:
@@ -246,12 +239,11 @@ def _mode_sampled(cfg: DictConfig, model: MetaModel, device: torch.device) -> tu
         "architecture_diversity": div,
     }
     files = {
-        "task_genotypes.json": json.dumps(
-            [{"task": i, "supernet_accuracy": a, "discrete_accuracy": d, "genotype": g.to_dict()}
-             for i, (a, d, g) in enumerate(zip(accs["supernet"], accs["discrete"], genotypes))],
-            indent=1).encode(),
-        "genotype.json": (meta.to_json() + "\n").encode(),
-        "cells.png": draw_genotype(meta, title="meta-architecture"),
+        rundir.TASK_GENOTYPES: [
+            {"task": i, "supernet_accuracy": a, "discrete_accuracy": d, "genotype": g.to_dict()}
+            for i, (a, d, g) in enumerate(zip(accs["supernet"], accs["discrete"], genotypes))],
+        rundir.GENOTYPE: meta.to_dict(),
+        rundir.CELLS: draw_genotype(meta, title="meta-architecture"),
     }
     return metrics, files
 
@@ -278,9 +270,7 @@ def adapt_command(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[st
             "nothing to adapt to: pass support=<folder of class sub-folders> (your task), or "
             "data=<image folder> / task=<sampler config> with n_tasks=N (accuracy over tasks)"
         )
-    for name, data in files.items():
-        atomic_write_bytes(out / name, data)
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    rundir.write(out, {**files, rundir.METRICS: metrics})
     return metrics
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from . import rundir
 from .errors import CheckpointError
 from .io import atomic_write_bytes
 
@@ -72,14 +73,14 @@ def load_checkpoint(
     if not path.is_file():
         raise CheckpointError(
             f"checkpoint {path} does not exist; pass the path of a .ckpt file written by "
-            "metanas-train (e.g. <run dir>/checkpoints/last.ckpt)"
+            f"metanas-train (e.g. {rundir.checkpoint_path('<run dir>', rundir.LAST_CKPT)})"
         )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many kinds for a damaged file
         raise CheckpointError(
             f"checkpoint {path} is corrupt or unreadable ({type(exc).__name__}: {exc}); "
-            "use another checkpoint (e.g. best.ckpt instead of last.ckpt) or start a new run"
+            f"use another checkpoint (e.g. {rundir.BEST_CKPT} instead of {rundir.LAST_CKPT}) or start a new run"
         ) from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(

@@ -2,16 +2,11 @@
 
 ``metanas-train`` composes ``conf/train.yaml`` (installed as ``metanas.conf``), builds every
 part with :func:`hydra.utils.instantiate`, meta-trains, meta-tests and writes into the Hydra
-run directory:
-
-- ``metrics.json``: meta-test ``accuracy``, ``ci95``, ``n_tasks``, the best meta-validation
-  result, wall time, architecture diversity, and the resolved config that produced them;
-- ``genotype.json``: the meta-architecture (genotype of the meta-alphas);
-- ``task_genotypes.json``: each meta-test task's accuracy and own genotype;
-- ``checkpoints/last.ckpt`` and ``checkpoints/best.ckpt``; ``train_log.csv``,
-  ``learning_curves.png`` (and ``tensorboard/`` with ``logger.tensorboard=true``);
-- ``status.json``: ``running`` (with host and process id) while the run is on, then ``ok``
-  or ``failed`` with the error message; ``metanas-report`` reads it.
+run directory (through :mod:`metanas.rundir`) ``metrics.json`` (meta-test ``accuracy``, ``ci95``,
+``n_tasks``, the best meta-validation result, wall time, architecture diversity, the resolved
+config), ``genotype.json`` (the meta-architecture), ``task_genotypes.json`` (each meta-test
+task's accuracy and genotype), the checkpoints and logs of :mod:`metanas.trainer`, and
+``status.json`` (``running``, then ``ok`` or ``failed`` with the error; read by ``metanas-report``).
 
 :func:`train` holds the logic and takes a plain ``DictConfig``; the decorated
 :func:`train_entry` only adds Hydra's command line and turns bad input into a one-line error
@@ -28,15 +23,11 @@ the processes split each meta-batch; rank 0 alone writes files and meta-tests.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import hydra
 import torch
@@ -44,13 +35,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from metanas.tasks import check_sampler
 
-from .io import atomic_write_text, resolve_device
-from .distributed import (
-    DEFAULT_TIMEOUT_S,
-    DistContext,
-    DistributedError,
-    init_distributed,
-)
+from . import rundir
+from .io import resolve_device
+from .distributed import DEFAULT_TIMEOUT_S, DistContext, DistributedError, init_distributed
 from .errors import ConfigError, MetaNASError
 from .hydra_utils import build, in_multirun, output_dir
 from .logger import RunLogger
@@ -65,7 +52,7 @@ def _resume_path(resume: str | None, run_dir: Path) -> Path | None:
     if resume in (None, "", "none", "null"):
         return None
     if resume == "auto":
-        path = run_dir / "checkpoints" / "last.ckpt"
+        path = rundir.checkpoint_path(run_dir, rundir.LAST_CKPT)
         return path if path.is_file() else None
     return Path(resume)
 
@@ -96,12 +83,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, dist: DistContext | None = Non
     except TypeError as exc:  # an unknown key in a user's trainer preset
         raise ConfigError(f"bad trainer settings: {exc}; see metanas.trainer.TrainerConfig") from exc
     logger_cfg = cfg.get("logger") or {}
-    logger = RunLogger(
-        run_dir,
-        tensorboard=bool(logger_cfg.get("tensorboard", False)),
-        curves=bool(logger_cfg.get("curves", True)),
-        enabled=dist.is_main,
-    )
+    logger = RunLogger(run_dir, tensorboard=bool(logger_cfg.get("tensorboard", False)),
+                       curves=bool(logger_cfg.get("curves", True)), enabled=dist.is_main)
     return MetaTrainer(
         net=net,
         alphas=alphas,
@@ -119,13 +102,6 @@ def build_trainer(cfg: DictConfig, run_dir: Path, dist: DistContext | None = Non
         dist=dist,
         logger=logger,
     )
-
-
-def _write_status(run_dir: Path, status: str, **extra: Any) -> None:
-    """``status.json``: running / ok / failed, with host, process id and time."""
-    record = {"status": status, "host": socket.gethostname(), "pid": os.getpid(),
-              "time": time.time(), **extra}
-    atomic_write_text(run_dir / "status.json", json.dumps(record, indent=1) + "\n")
 
 
 def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
@@ -150,7 +126,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
         # every process works in rank 0's run dir (its checkpoint is the one to resume)
         run_dir = Path(dist.broadcast_object(str(run_dir)))
         if dist.is_main:
-            _write_status(run_dir, "running")
+            rundir.write_status(run_dir, "running")
         try:
             trainer = build_trainer(cfg, run_dir, dist)
             try:
@@ -160,10 +136,10 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
         except BaseException as exc:
             if dist.is_main:
                 status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-                _write_status(run_dir, status, error=f"{type(exc).__name__}: {exc}")
+                rundir.write_status(run_dir, status, error=f"{type(exc).__name__}: {exc}")
             raise
         if dist.is_main:
-            _write_status(run_dir, "ok", objective=objective)
+            rundir.write_status(run_dir, "ok", objective=objective)
         return objective
     finally:
         dist.close()
@@ -200,18 +176,10 @@ def _train(trainer: MetaTrainer, cfg: DictConfig, run_dir: Path, started: float)
         "architecture_diversity": result.diversity,
         "config": trainer.config,
     }
-    atomic_write_text(run_dir / "genotype.json", genotype.to_json() + "\n")
-    atomic_write_text(
-        run_dir / "task_genotypes.json",
-        json.dumps(
-            [
-                {"task": i, "accuracy": acc, "genotype": g.to_dict()}
-                for i, (acc, g) in enumerate(zip(result.accuracies, result.genotypes))
-            ],
-            indent=1,
-        ),
-    )
-    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    tasks = [{"task": i, "accuracy": acc, "genotype": g.to_dict()}
+             for i, (acc, g) in enumerate(zip(result.accuracies, result.genotypes))]
+    rundir.write(run_dir, {rundir.GENOTYPE: genotype.to_dict(), rundir.TASK_GENOTYPES: tasks,
+                           rundir.METRICS: metrics})
     log.info("meta-test accuracy: %s", result.summary())
     log.info("meta-architecture: %s", genotype.to_json())
     objective = best.get("val_accuracy", result.accuracy)

@@ -37,10 +37,10 @@ from .errors import ConfigError
 __all__ = [
     "BatchStatNorm",
     "StandaloneClassifier",
-    "count_flops",
     "count_parameters",
     "export_onnx",
     "export_torchscript",
+    "flops_per_image",
     "load_torchscript",
     "onnx_bytes",
     "replace_batch_norms",
@@ -133,7 +133,7 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def count_flops(model: nn.Module, example: Tensor) -> float:
+def flops_per_image(model: nn.Module, example: Tensor) -> float:
     """FLOPs per image of a forward pass on ``example`` ``(B, C, H, W)`` (total / B)."""
     with torch.no_grad():
         total = flops.count_flops(lambda: model(example))

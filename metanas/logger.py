@@ -1,43 +1,25 @@
 """Run logs: metrics as CSV, optionally TensorBoard, and learning curves as a PNG.
 
-Files written into the run directory:
-
-- ``train_log.csv``: one row per meta-step (losses, accuracies, learning rates, time; the
-  meta-validation accuracy and its 95% CI on the steps where it was measured);
-- ``learning_curves.png``: query accuracy and loss per meta-step, and meta-validation accuracy
-  with its 95% confidence band;
-- ``tensorboard/``: the same scalars for TensorBoard, with ``tensorboard=True`` (needs the
-  ``tensorboard`` extra).
-
-CSV and PNG are rewritten atomically from the whole history (at checkpoints and at the end),
-so they always match the last checkpoint.
+Into the run directory (names and CSV format: :mod:`metanas.rundir`) go ``train_log.csv``
+(per meta-step: losses, accuracies, learning rates, time; the meta-validation accuracy and its
+95% CI where measured), ``learning_curves.png`` (query accuracy and loss per meta-step,
+meta-validation accuracy with its 95% confidence band) and, with ``tensorboard=True`` (extra
+``tensorboard``), the same scalars in ``tensorboard/``. CSV and PNG are rewritten atomically
+from the whole history (at checkpoints and at the end), so they match the last checkpoint.
 """
 
 from __future__ import annotations
 
-import csv
 import io
 import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .io import atomic_write_bytes, atomic_write_text
+from . import rundir
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-
-def write_csv(path: str | Path, rows: Sequence[Mapping[str, float]]) -> None:
-    """Write ``rows`` (dicts; the union of their keys, in first-seen order) as CSV, atomically."""
-    if not rows:
-        return
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
 
 
 def plot_learning_curves(rows: Sequence[Mapping[str, float]]) -> bytes:
@@ -114,7 +96,7 @@ class RunLogger:
                     "logger.tensorboard=true needs TensorBoard: pip install 'metanas[tensorboard]' "
                     "(or set logger.tensorboard=false)"
                 ) from exc
-            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start_step + 1)
+            self._tb = SummaryWriter(str(self.run_dir / rundir.TENSORBOARD), purge_step=start_step + 1)
 
     def log_step(self, row: Mapping[str, float]) -> None:
         """Send one meta-step's scalars to TensorBoard (CSV and PNG are written by :meth:`write`)."""
@@ -129,12 +111,12 @@ class RunLogger:
         """Rewrite ``train_log.csv`` (and ``learning_curves.png``) from the whole history."""
         if not self.enabled or not rows:
             return
-        write_csv(self.run_dir / "train_log.csv", rows)
+        rundir.write(self.run_dir, {rundir.TRAIN_LOG: rows})
         if self.curves:
             try:
-                atomic_write_bytes(self.run_dir / "learning_curves.png", plot_learning_curves(rows))
+                rundir.write(self.run_dir, {rundir.LEARNING_CURVES: plot_learning_curves(rows)})
             except (ImportError, RuntimeError, ValueError) as exc:  # plotting never ends a run
-                log.warning("could not draw learning_curves.png: %s", exc)
+                log.warning("could not draw %s: %s", rundir.LEARNING_CURVES, exc)
         if self._tb is not None:
             self._tb.flush()
 
@@ -145,4 +127,4 @@ class RunLogger:
             self._tb = None
 
 
-__all__ = ["RunLogger", "plot_learning_curves", "write_csv"]
+__all__ = ["RunLogger", "plot_learning_curves"]

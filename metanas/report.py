@@ -30,9 +30,7 @@ markdown table is also printed. Exit status 2 with a one-line message when no ru
 from __future__ import annotations
 
 import argparse
-import csv
 import io
-import json
 import math
 import os
 import socket
@@ -43,9 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .io import atomic_write_bytes, atomic_write_text
+from . import rundir
 
 PROG = "metanas-report"
 
@@ -75,25 +71,6 @@ class RunRecord:
     steps_done: int = 0
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _parse_overrides(path: Path) -> dict[str, str]:
-    try:
-        items = yaml.safe_load(path.read_text()) or []
-    except (OSError, yaml.YAMLError):
-        return {}
-    out = {}
-    for item in items:
-        key, _, value = str(item).partition("=")
-        out[key] = value
-    return out
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -106,11 +83,8 @@ def _pid_alive(pid: int) -> bool:
 
 def _log_error(run_dir: Path) -> str:
     """The last error line of the run's Hydra log (``<job name>.log``), or ''."""
-    for log_file in sorted(run_dir.glob("*.log")):
-        try:
-            lines = log_file.read_text(errors="replace").splitlines()
-        except OSError:
-            continue
+    for log_file in sorted(run_dir.glob(rundir.JOB_LOGS)):
+        lines = (rundir.read(run_dir, log_file.name) or b"").decode(errors="replace").splitlines()
         errors = [ln for ln in lines if "[ERROR]" in ln]
         if errors:
             return errors[-1].split("] - ", 1)[-1].strip()
@@ -120,22 +94,15 @@ def _log_error(run_dir: Path) -> str:
     return ""
 
 
-def _count_steps(run_dir: Path) -> int:
-    try:
-        with (run_dir / "train_log.csv").open() as f:
-            return max(0, sum(1 for _ in f) - 1)
-    except OSError:
-        return 0
-
-
 def read_run(path: Path, root: Path) -> RunRecord:
     """Everything :func:`summarize` needs about one run folder."""
     job = str(path.relative_to(root)) if path != root else path.name
-    record = RunRecord(job, path, _parse_overrides(path / ".hydra" / "overrides.yaml"), "unfinished")
-    record.metrics = _read_json(path / "metrics.json") or {}
-    record.genotype = _read_json(path / "genotype.json")
-    record.steps_done = _count_steps(path)
-    status = _read_json(path / "status.json") or {}
+    overrides = rundir.read(path, rundir.HYDRA_OVERRIDES) or []  # ["key=value", ...]
+    record = RunRecord(job, path, dict(str(o).partition("=")[::2] for o in overrides), "unfinished")
+    record.metrics = rundir.read(path, rundir.METRICS) or {}
+    record.genotype = rundir.read(path, rundir.GENOTYPE)
+    record.steps_done = len(rundir.read(path, rundir.TRAIN_LOG) or [])
+    status = rundir.read(path, rundir.STATUS) or {}
     state = status.get("status")
     if state == "ok" and record.metrics:
         record.status = "ok"
@@ -161,14 +128,12 @@ def read_run(path: Path, root: Path) -> RunRecord:
 def find_runs(root: str | Path) -> list[RunRecord]:
     """All runs below ``root`` (folders holding ``.hydra/overrides.yaml``), in job order."""
     root = Path(root)
-    dirs = {p.parent.parent for p in root.rglob(".hydra/overrides.yaml")
-            if ".submitit" not in p.parts}
 
     def order(p: Path) -> tuple:
         parts = p.relative_to(root).parts if p != root else ()
         return tuple((0, int(s), "") if s.isdigit() else (1, 0, s) for s in parts)
 
-    return [read_run(p, root) for p in sorted(dirs, key=order)]
+    return [read_run(p, root) for p in sorted(rundir.run_dirs(root), key=order)]
 
 
 def swept_keys(runs: Sequence[RunRecord]) -> list[str]:
@@ -314,14 +279,6 @@ def plot(runs: Sequence[RunRecord]) -> bytes:
     return buf.getvalue()
 
 
-def write_csv(path: Path, table: Sequence[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(table[0]))
-    writer.writeheader()
-    writer.writerows(table)
-    atomic_write_text(path, buf.getvalue())
-
-
 def summarize(sweep_dir: str | Path, out_dir: str | Path | None = None) -> tuple[list[RunRecord], str]:
     """Find the runs of a sweep and write ``summary.md``, ``summary.csv`` and ``summary.png``.
 
@@ -339,14 +296,12 @@ def summarize(sweep_dir: str | Path, out_dir: str | Path | None = None) -> tuple
     runs = find_runs(sweep_dir) if sweep_dir.is_dir() else []
     if not runs:
         raise FileNotFoundError(
-            f"no run found in {sweep_dir} (no folder with .hydra/overrides.yaml); give the directory "
+            f"no run found in {sweep_dir} (no folder with {rundir.HYDRA_OVERRIDES}); give the directory "
             "of a metanas-train -m sweep, e.g. multirun/<date>/<time>"
         )
     out = Path(out_dir) if out_dir is not None else sweep_dir
     text = markdown(runs, title=f"Sweep {sweep_dir}")
-    atomic_write_text(out / "summary.md", text)
-    write_csv(out / "summary.csv", rows(runs))
-    atomic_write_bytes(out / "summary.png", plot(runs))
+    rundir.write(out, {"summary.md": text, "summary.csv": rows(runs), "summary.png": plot(runs)})
     return runs, text
 
 

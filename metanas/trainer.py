@@ -5,12 +5,9 @@ inner-loop settings, meta-optimiser factories) and knows nothing about Hydra. Al
 of the task sequence comes from one ``numpy.random.Generator`` whose state is checkpointed, so
 a run resumed from its last checkpoint continues exactly as if it had never stopped.
 
-Files written into ``run_dir``:
-
-- ``checkpoints/last.ckpt``: full state, every ``ckpt_every`` meta-steps and at the end;
-- ``checkpoints/best.ckpt``: the state with the best meta-validation accuracy so far;
-- ``train_log.csv``: one row per meta-step (losses, accuracies, learning rates, time);
-- ``learning_curves.png`` (and TensorBoard events if asked for): see :mod:`metanas.logger`.
+Into ``run_dir`` (file names: :mod:`metanas.rundir`) go ``checkpoints/last.ckpt`` (the full
+state, every ``ckpt_every`` meta-steps and at the end), ``checkpoints/best.ckpt`` (the state
+with the best meta-validation accuracy so far) and the logs of :mod:`metanas.logger`.
 
 With several processes (:mod:`metanas.distributed`) every process draws the same meta-batch
 from the same generator and adapts its share of it; the meta-gradients are averaged over all
@@ -24,6 +21,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,10 +30,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from metanas.tasks import TaskSampler, check_sampler
 
+from . import rundir
 from .algorithms import MetaAlgorithm
 from .algorithms.base import MetaGradients
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -218,9 +218,7 @@ class MetaTrainer:
         # A fixed-architecture network (e.g. metanas.baselines.Conv4) has no alphas, hence no
         # alpha optimiser; everything else runs unchanged.
         self.opt_alphas = alphas_optimizer(self.alphas.values()) if self.alphas else None
-        for opt in self._optimizers():
-            for group in opt.param_groups:
-                group.setdefault("initial_lr", group["lr"])
+        self._start_lr_schedules(0)
         self.rng = np.random.default_rng(seed)
         self.step = 0
         self.train_time = 0.0
@@ -242,14 +240,17 @@ class MetaTrainer:
         return [o for o in (self.opt_weights, self.opt_alphas) if o is not None]
 
     # ----------------------------------------------------------------- state
-    def _set_learning_rates(self) -> None:
-        """Meta learning rates of the current step (derived from the step, not stored)."""
-        factor = 1.0
-        if self.cfg.meta_lr_schedule == "linear" and self.cfg.meta_steps > 0:
-            factor = max(0.0, 1.0 - self.step / self.cfg.meta_steps)
-        for opt in self._optimizers():
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * factor
+    def _start_lr_schedules(self, step: int) -> None:
+        """``LambdaLR`` schedules of both meta learning rates (``cfg.meta_lr_schedule``) at ``step``."""
+        n = self.cfg.meta_steps if self.cfg.meta_lr_schedule == "linear" else 0
+        factor = (lambda k: max(0.0, 1.0 - k / n)) if n > 0 else (lambda k: 1.0)
+        self.lr_schedules = [LambdaLR(o, factor, last_epoch=step - 1) for o in self._optimizers()]
+
+    def _next_learning_rates(self) -> None:
+        """Both schedules one meta-step on (quietly: the alphas' optimiser rests in warm-up)."""
+        with warnings.catch_warnings(action="ignore", category=UserWarning):
+            for schedule in self.lr_schedules:
+                schedule.step()
 
     @property
     def weights(self) -> dict[str, nn.Parameter]:
@@ -289,6 +290,7 @@ class MetaTrainer:
         self.train_time = float(state["train_time"])
         self.best = dict(state["best"])
         self.history = list(state["history"])
+        self._start_lr_schedules(self.step)  # from the step: no checkpoint holds a schedule state
 
     def resume(self, path: str | Path) -> None:
         """Load a checkpoint written by this trainer (same search space) and continue from it.
@@ -304,13 +306,9 @@ class MetaTrainer:
             log.warning("resuming with settings that differ from the checkpoint: %s", ", ".join(changed))
         log.info("resumed from %s at meta-step %d", path, self.step)
 
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
-
-    def save(self, name: str = "last.ckpt") -> Path:
+    def save(self, name: str = rundir.LAST_CKPT) -> Path:
         """Write the full state atomically to ``run_dir/checkpoints/<name>`` (rank 0 only)."""
-        path = self.checkpoint_dir / name
+        path = rundir.checkpoint_path(self.run_dir, name)
         if self.dist.is_main:
             save_checkpoint(path, self.state_dict())
         return path
@@ -331,7 +329,6 @@ class MetaTrainer:
         # every process draws the whole meta-batch (keeps the generators in step) and keeps its share
         tasks = [self.sampler.sample("train", self.rng) for _ in range(self.cfg.meta_batch_size)]
         tasks = [t.to(self.device) for t in self.dist.shard(tasks)]
-        self._set_learning_rates()
         adapt_alphas = bool(self.alphas) and self.step >= self.cfg.alpha_warmup_steps
         grads = self.algorithm.meta_gradients(
             self.net, self.weights, self.alphas, tasks, self.inner,
@@ -350,6 +347,7 @@ class MetaTrainer:
             "lr_weights": self.opt_weights.param_groups[0]["lr"],
             "lr_alphas": self.opt_alphas.param_groups[0]["lr"] if self.opt_alphas else 0.0,
         }
+        self._next_learning_rates()
         self.step += 1
         return row
 
@@ -415,7 +413,7 @@ class MetaTrainer:
                         self.train_time / max(self.step, 1),
                     )
                 if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == cfg.meta_steps:
-                    self.save("last.ckpt")
+                    self.save(rundir.LAST_CKPT)
                     self._write_log()
         finally:
             bar.close()
@@ -428,11 +426,11 @@ class MetaTrainer:
         log.info("meta-validation at step %d: %s", self.step, result.summary())
         if result.accuracy > self.best.get("val_accuracy", -1.0):
             self.best = {"val_accuracy": result.accuracy, "val_ci95": result.ci95, "step": float(self.step)}
-            self.save("best.ckpt")
+            self.save(rundir.BEST_CKPT)
 
     def best_parameters(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Meta-weights and meta-alphas of the best validated state (the current ones if none)."""
-        path = self.checkpoint_dir / "best.ckpt"
+        path = rundir.checkpoint_path(self.run_dir, rundir.BEST_CKPT)
         if not self.best or not path.is_file():
             return dict(self.weights), dict(self.alphas)
         state = load_checkpoint(path, self.search_space.to_dict(), self.device)

@@ -18,10 +18,10 @@ from metanas.evaluate import evaluate
 from metanas.export import (
     BatchStatNorm,
     StandaloneClassifier,
-    count_flops,
     count_parameters,
     export_onnx,
     export_torchscript,
+    flops_per_image,
     load_torchscript,
     replace_batch_norms,
 )
@@ -88,7 +88,7 @@ def test_parameter_and_flop_counts():
     assert count_parameters(net) == 2 * 4 * 9 + 100 * 3 + 3
     # conv: 2 FLOPs per multiply-add, 4*5*5 outputs of 2*9 inputs; linear: 2 * 100 * 3
     expected = 2 * (4 * 25 * 18) + 2 * 100 * 3
-    assert count_flops(net, torch.randn(3, 2, 5, 5)) == expected
+    assert flops_per_image(net, torch.randn(3, 2, 5, 5)) == expected
 
 
 # ------------------------------------------------------------------------------ conv-4

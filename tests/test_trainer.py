@@ -181,3 +181,37 @@ def test_checkpoint_from_before_reduction_channel_scale_still_loads(tmp_path):
     load_checkpoint(tmp_path / "old.ckpt", space)
     with pytest.raises(CheckpointError, match="reduction_channel_scale"):
         load_checkpoint(tmp_path / "old.ckpt", {**space, "reduction_channel_scale": 1})
+
+
+def test_linear_meta_lr_schedule_gives_the_formula_at_every_step(tmp_path, recwarn):
+    trainer = make_trainer(tmp_path, meta_lr_schedule="linear", alpha_warmup_steps=2)
+    trainer.fit()
+    expected = [0.5 * max(0.0, 1.0 - k / 6) for k in range(6)]
+    assert [r["lr_weights"] for r in trainer.history] == expected
+    assert [r["lr_alphas"] for r in trainer.history] == expected
+    assert not [w for w in recwarn if "lr_scheduler" in str(w.message)]  # alphas rest in warm-up
+
+
+def test_resume_derives_the_learning_rates_from_the_step(tmp_path):
+    straight = make_trainer(tmp_path / "a", meta_lr_schedule="linear")
+    straight.fit()
+    killed = make_trainer(tmp_path / "b", meta_lr_schedule="linear")
+    killed.sampler = DyingTasks(die_at=2 * 4 + 1)
+    with pytest.raises(Killed):
+        killed.fit()
+    # a checkpoint whose optimiser states hold other learning rates (e.g. of an older metanas)
+    path = tmp_path / "b" / "checkpoints" / "last.ckpt"
+    state = load_checkpoint(path)
+    for key in ("opt_weights", "opt_alphas"):
+        for group in state[key]["param_groups"]:
+            group["lr"] = 123.0
+    save_checkpoint(path, state)
+
+    resumed = make_trainer(tmp_path / "b", meta_lr_schedule="linear")
+    resumed.resume(path)
+    resumed.fit()
+    assert [r["lr_weights"] for r in resumed.history] == [r["lr_weights"] for r in straight.history]
+    for name, p in straight.weights.items():
+        assert torch.equal(p, resumed.weights[name]), name
+    for name, p in straight.alphas.items():
+        assert torch.equal(p, resumed.alphas[name]), name
