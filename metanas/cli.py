@@ -42,6 +42,7 @@ from .errors import ConfigError, MetaNASError
 from .hydra_utils import build, in_multirun, output_dir
 from .logger import RunLogger
 from .engines import share_cores
+from .evaluate import FROZEN, mean_ci95
 from .search_space import SearchNetwork, derive_genotype, init_alphas
 from .trainer import MetaTrainer, TrainerConfig
 
@@ -151,8 +152,9 @@ def _train(trainer: MetaTrainer, cfg: DictConfig, run_dir: Path, started: float)
     if resume is not None:
         trainer.resume(resume)
     log.info(
-        "meta-training %s on %s for %d meta-steps (run dir %s, process %d of %d)",
-        trainer.algorithm, trainer.device, trainer.cfg.meta_steps, run_dir,
+        "meta-training %s on %s for %d meta-steps, %d weights and %d alphas (run dir %s, "
+        "process %d of %d)", trainer.algorithm, trainer.device, trainer.cfg.meta_steps,
+        trainer.n_parameters, sum(a.numel() for a in trainer.alphas.values()), run_dir,
         trainer.dist.rank + 1, trainer.dist.world_size,
     )
     best = trainer.fit()
@@ -160,7 +162,10 @@ def _train(trainer: MetaTrainer, cfg: DictConfig, run_dir: Path, started: float)
         return math.nan  # rank 0 meta-tests and writes the results
     result = trainer.test()
     _, alphas = trainer.best_parameters()
-    genotype = derive_genotype(alphas, trainer.search_space)
+    # the meta-architecture at the temperature the adapted models are read out at
+    genotype = derive_genotype(alphas, trainer.search_space,
+                               temperature=trainer.eval_inner.temperature(trainer.eval_inner.steps))
+    gain = result.architecture_gain()
     metrics = {
         "accuracy": result.accuracy,
         "ci95": result.ci95,
@@ -174,6 +179,10 @@ def _train(trainer: MetaTrainer, cfg: DictConfig, run_dir: Path, started: float)
         "train_time_s": trainer.train_time,
         "wall_time_s": time.perf_counter() - started,
         "architecture_diversity": result.diversity,
+        "architecture_gain": None if gain is None else {
+            "accuracy": gain[0], "ci95": gain[1], "frozen_alpha_accuracy": mean_ci95(result.extras[FROZEN])[0],
+            "note": "paired over the same test tasks: adapted alphas minus alphas frozen at the meta-alphas"},
+        "parameters": trainer.n_parameters,
         "config": trainer.config,
     }
     tasks = [{"task": i, "accuracy": acc, "genotype": g.to_dict()}
@@ -181,6 +190,9 @@ def _train(trainer: MetaTrainer, cfg: DictConfig, run_dir: Path, started: float)
     rundir.write(run_dir, {rundir.GENOTYPE: genotype.to_dict(), rundir.TASK_GENOTYPES: tasks,
                            rundir.METRICS: metrics})
     log.info("meta-test accuracy: %s", result.summary())
+    if gain is not None:
+        log.info("architecture adaptation gain (adapted minus frozen alphas, same tasks): "
+                 "%+.2f +- %.2f points", 100 * gain[0], 100 * gain[1])
     log.info("meta-architecture: %s", genotype.to_json())
     objective = best.get("val_accuracy", result.accuracy)
     return float(objective)

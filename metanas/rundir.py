@@ -28,6 +28,7 @@ GENOTYPE = "genotype.json"  # an architecture: Genotype.to_dict()
 TASK_GENOTYPES = "task_genotypes.json"  # every evaluated task's accuracy and genotype
 TRAIN_LOG = "train_log.csv"  # one row per meta-step
 LEARNING_CURVES = "learning_curves.png"  # metanas.logger.plot_learning_curves
+ALPHA_EVOLUTION = "alpha_evolution.png"  # metanas.logger.plot_alpha_evolution
 TENSORBOARD = "tensorboard"  # folder of TensorBoard events (logger.tensorboard=true)
 CHECKPOINTS, LAST_CKPT, BEST_CKPT = "checkpoints", "last.ckpt", "best.ckpt"  # see checkpoint_path
 PREDICTIONS = "predictions.csv"  # metanas-adapt: class and probabilities per query image

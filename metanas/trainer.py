@@ -46,7 +46,7 @@ from .functional import weights_of
 from .inner import InnerLoopConfig
 from .logger import RunLogger
 from .engines import TaskPool, default_workers
-from .search_space import SearchSpaceConfig
+from .search_space import SearchSpaceConfig, architecture_stats, op_weights
 
 log = logging.getLogger(__name__)
 
@@ -347,13 +347,37 @@ class MetaTrainer:
             "lr_weights": self.opt_weights.param_groups[0]["lr"],
             "lr_alphas": self.opt_alphas.param_groups[0]["lr"] if self.opt_alphas else 0.0,
         }
+        if self.alphas:
+            row.update(self.architecture_row(grads.alpha_displacement))
         self._next_learning_rates()
         self.step += 1
         return row
 
+    def architecture_row(self, displacement: float) -> dict[str, float]:
+        """Architecture statistics of the meta-alphas after a meta-step, for the log.
+
+        At the inner loop's read-out temperature: per cell kind the mean op-weight entropy
+        relative to uniform and the largest op weight
+        (:func:`~metanas.search_space.architecture_stats`), the mean alpha displacement of
+        the step's task adaptations, and every edge's op weights as
+        ``op/<kind>/<edge>/<op>`` (the alpha-evolution plot of :mod:`metanas.logger`).
+        """
+        temperature = self.eval_inner.temperature(self.eval_inner.steps)
+        row = {**architecture_stats(self.alphas, self.search_space, temperature),
+               "alpha_displacement": displacement}
+        for kind, w in op_weights(self.alphas, self.search_space, temperature).items():
+            for e, edge in enumerate(w.tolist()):
+                row.update({f"op/{kind}/{e}/{op}": v for op, v in zip(self.search_space.ops, edge)})
+        return row
+
+    @property
+    def n_parameters(self) -> int:
+        """Number of weights of the network (alphas not counted)."""
+        return sum(p.numel() for p in self.net.parameters())
+
     def _average_over_processes(self, grads: MetaGradients, n_local: int) -> MetaGradients:
         """Average of the processes' meta-gradients, each weighted by its number of tasks."""
-        stats = ("query_loss", "query_accuracy", "support_loss")
+        stats = ("query_loss", "query_accuracy", "support_loss", "alpha_displacement")
         named = {f"w/{k}": v for k, v in grads.weights.items()}
         if grads.alphas is not None:
             named.update({f"a/{k}": v for k, v in grads.alphas.items()})

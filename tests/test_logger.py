@@ -57,3 +57,24 @@ def test_learning_curves_png_with_and_without_validation():
     rows[4].update(val_accuracy=0.4, val_ci95=0.05)
     rows[9].update(val_accuracy=0.5, val_ci95=0.04)
     assert plot_learning_curves(rows)[:4] == b"\x89PNG"
+
+
+def test_architecture_statistics_in_the_log_and_the_alpha_evolution_plot(tmp_path):
+    """Entropy relative to uniform, largest op weight and op weights per edge, as written by
+    the trainer, checked by hand on the meta-alphas after the run."""
+    import math
+
+    from metanas.search_space import normalize_alphas
+
+    trainer = make_trainer(tmp_path, meta_steps=3)
+    trainer.fit()
+    rows = list(csv.DictReader((tmp_path / "train_log.csv").open()))
+    last = rows[-1]
+    space = trainer.search_space
+    w = normalize_alphas(trainer.alphas["reduce"].detach().double(), 1.0, space.prune_threshold)
+    entropy = float((-(w * w.log()).sum(-1)).mean()) / math.log(space.n_ops)
+    assert float(last["entropy_reduce"]) == pytest.approx(entropy, rel=1e-9)
+    assert float(last["max_weight_reduce"]) == pytest.approx(float(w.max()), rel=1e-9)
+    assert float(last[f"op/reduce/1/{space.ops[2]}"]) == pytest.approx(float(w[1, 2]), rel=1e-9)
+    assert float(last["alpha_displacement"]) > 0
+    assert (tmp_path / "alpha_evolution.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,7 +1,14 @@
 """DARTS-style search space: ops, alpha normalisers, supernet, genotypes, discrete network."""
 
 from metanas.search_space.discrete import DiscreteNetwork
-from metanas.search_space.genotype import Genotype, derive_genotype, genotype_distance
+from metanas.search_space.genotype import (
+    Genotype,
+    architecture_stats,
+    cell_kinds,
+    derive_genotype,
+    genotype_distance,
+    op_weights,
+)
 from metanas.search_space.network import (
     SearchNetwork,
     SearchSpaceConfig,
@@ -25,8 +32,10 @@ __all__ = [
     "SearchNetwork",
     "SearchSpaceConfig",
     "alpha_shapes",
+    "architecture_stats",
     "anneal_temperature",
     "build_op",
+    "cell_kinds",
     "check_alphas",
     "derive_genotype",
     "genotype_distance",
@@ -35,5 +44,6 @@ __all__ = [
     "norm",
     "normalize_alphas",
     "normalize_edge_alphas",
+    "op_weights",
     "resolve_ops",
 ]

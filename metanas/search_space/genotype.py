@@ -6,6 +6,7 @@ A genotype is parsed with the ``json`` module only (never ``eval``), and validat
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -210,14 +211,48 @@ def derive_genotype(
             cells[kind] = _derive_cell(w, beta, cfg.ops, cfg.n_nodes, k)
     # only the cell kinds the network has: a supernet of reduction cells alone has normal
     # alphas (the alpha layout is fixed) that no cell reads
-    reductions = cfg.resolved_reduction_cells()
-    kinds = {"normal": len(reductions) < cfg.n_cells, "reduce": bool(reductions)}
+    kinds = {kind: kind in cell_kinds(cfg) for kind in ("normal", "reduce")}
     return Genotype(
         normal=cells["normal"] if kinds["normal"] else (),
         normal_concat=concat if kinds["normal"] else (),
         reduce=cells.get("reduce", ()) if kinds["reduce"] else (),
         reduce_concat=concat if kinds["reduce"] and "reduce" in cells else (),
     )
+
+
+def cell_kinds(cfg: SearchSpaceConfig) -> tuple[str, ...]:
+    """The cell kinds the network has: ``"normal"`` and/or ``"reduce"``."""
+    reductions = cfg.resolved_reduction_cells()
+    return tuple(k for k, present in (("normal", len(reductions) < cfg.n_cells),
+                                      ("reduce", bool(reductions))) if present)
+
+
+def op_weights(
+    alphas: Mapping[str, Tensor], cfg: SearchSpaceConfig, temperature: float = 1.0
+) -> dict[str, Tensor]:
+    """Kind -> op weights ``(n_edges, n_ops)`` (normalised, pruned) of the cell kinds present."""
+    with torch.no_grad():
+        return {kind: normalize_alphas(alphas[kind].detach().cpu().double(), temperature,
+                                       cfg.prune_threshold)
+                for kind in cell_kinds(cfg)}
+
+
+def architecture_stats(
+    alphas: Mapping[str, Tensor], cfg: SearchSpaceConfig, temperature: float = 1.0
+) -> dict[str, float]:
+    """How decided the architecture is, per cell kind present (``<kind>`` below).
+
+    Returns:
+        ``entropy_<kind>``: mean over edges of the op weights' entropy relative to the
+        uniform distribution's, ``log(n_ops)`` (1: uniform, 0: one op); ``max_weight_<kind>``:
+        the largest op weight of any edge (``1 / n_ops`` when uniform).
+    """
+    out = {}
+    for kind, w in op_weights(alphas, cfg, temperature).items():
+        entropy = -(w * torch.log(w.clamp_min(1e-300))).sum(dim=-1)
+        out[f"entropy_{kind}"] = float(entropy.mean() / math.log(cfg.n_ops))
+        out[f"max_weight_{kind}"] = float(w.max())
+    return out
 
 
 def genotype_distance(a: Genotype, b: Genotype) -> float:
