@@ -27,7 +27,8 @@ from torch import Tensor
 
 from metanas.errors import ConfigError, DataError
 
-from .base import SPLITS, Split, Task, check_split, sample_task_ragged
+from .base import SPLITS, Split, Task, check_split
+from .core import sample_task_ragged
 from .image_folder import split_classes
 
 __all__ = ["DatasetTasks", "TasksetAdapter"]

@@ -39,7 +39,8 @@ from PIL import Image
 
 from metanas.errors import ConfigError, DataError
 
-from .base import SPLITS, Split, Task, check_split, sample_task_ragged
+from .base import SPLITS, Split, Task, check_split
+from .core import sample_task_ragged
 
 __all__ = [
     "IMAGE_SUFFIXES",

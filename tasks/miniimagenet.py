@@ -45,7 +45,8 @@ from PIL import Image
 
 from metanas.errors import ConfigError, DataError
 
-from .base import SPLITS, Split, Task, check_split, sample_task_ragged
+from .base import SPLITS, Split, Task, check_split
+from .core import sample_task_ragged
 from .image_folder import load_image
 
 __all__ = [

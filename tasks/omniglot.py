@@ -43,7 +43,8 @@ from PIL import Image
 
 from metanas.errors import ConfigError, DataError
 
-from .base import SPLITS, Split, Task, check_split, sample_task
+from .base import SPLITS, Split, Task, check_split
+from .core import sample_task
 
 __all__ = ["DIGESTS", "OmniglotData", "OmniglotTasks", "load_omniglot", "resize_packed"]
 

@@ -19,7 +19,7 @@ from metanas.tasks import (
     check_sampler,
     sample_task,
 )
-from metanas.tasks.base import draw_episode
+from metanas.tasks.core import draw_episode
 from metanas.tasks.omniglot import resize_packed
 
 NPZ = resources.files("metanas.tasks") / "data" / "omniglot" / "omniglot.npz"
