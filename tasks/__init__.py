@@ -10,7 +10,8 @@ Public API:
 * :func:`sample_task` / :func:`sample_task_ragged`: generic N-way K-shot Q-query composition
   over an array of per-class examples, for custom samplers.
 * :mod:`metanas.tasks.core`: the shared core every built-in loader reuses, for writing a new
-  one: class pools, episode composition and the pixel normaliser.
+  one: the count check, class splits, class pools and episode composition, class transforms
+  (rotations as classes) and the pixel normaliser.
 * :class:`OmniglotTasks`: Omniglot from the embedded, offline ``omniglot.npz``.
 * :class:`ImageFolderTasks`: any folder of class sub-folders of images.
 * :class:`MiniImageNetTasks`: miniImageNet (split CSVs + images, or pickled arrays).

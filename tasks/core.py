@@ -1,30 +1,36 @@
 """The shared core of the task loaders: class pools and the small steps of an episode.
 
-A loader decodes its data and says which classes each split has; the composition of an episode
-is here, for every loader (and a new one) to reuse:
+A loader (Omniglot, an image folder, miniImageNet, a dataset of ``(x, y)`` pairs) decodes its
+data and says which classes each split has; the rest is here, for a new loader to reuse too:
 
+* :func:`check_counts`: the one check of ``n_way`` / ``k_shot`` / ``q_query``.
+* :func:`permuted_split` and :func:`split_classes`: class splits from a seeded permutation.
 * :class:`DensePool` / :class:`RaggedPool`: one split's classes and where their examples are.
 * :func:`compose`: one episode: draw ``n_way`` classes (their order is the labelling) and
-  ``k_shot + q_query`` examples of each, apply the class transforms ``f(batch, classes)``,
-  map the pixels with a :class:`PixelNorm`, cut support / query.
+  ``k_shot + q_query`` examples of each, apply the class transforms ``f(batch, classes)``
+  (e.g. :class:`Rotations`), map the pixels with a :class:`PixelNorm`, cut support / query.
+* :class:`PoolSampler`: a :class:`~metanas.tasks.TaskSampler` over one pool per split, the
+  base of the loaders.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import operator
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from metanas.errors import ConfigError
+from metanas.errors import ConfigError, DataError
 
-from .base import Task
+from .base import SPLITS, Split, Task, check_split
 
 __all__ = [
-    "UNIT_PIXELS", "ClassTransform", "DensePool", "PixelNorm", "RaggedPool", "compose", "draw_episode",
-    "make_task", "sample_task", "sample_task_ragged",
+    "UNIT_PIXELS", "ClassTransform", "DensePool", "PixelNorm", "PoolSampler", "RaggedPool",
+    "Rotations", "check_counts", "check_int", "compose", "draw_episode", "make_task", "permuted_split",
+    "pixel_normalisation", "sample_task", "sample_task_ragged", "split_classes",
 ]
 
 #: ``f(batch, classes) -> batch`` on the drawn examples ``(n_way, k_shot + q_query, *item)`` (a
@@ -32,7 +38,114 @@ __all__ = [
 ClassTransform = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
+# ------------------------------------------------------------------------------ checks, splits
+def check_int(name: str, value: object, lowest: int | None = None, fix: str | None = None) -> int:
+    """``value`` as an int (any integer type, not a bool), at least ``lowest`` if given.
+
+    Raises:
+        ConfigError: naming the value and ``fix`` (default: set ``task.<name>``).
+    """
+    bound = "" if lowest is None else f" >= {lowest}"
+    if not isinstance(value, (bool, np.bool_)):
+        try:
+            number = operator.index(value)  # type: ignore[arg-type]
+        except TypeError:
+            number = None
+        if number is not None and (lowest is None or number >= lowest):
+            return number
+    fix = fix or f"set task.{name} (or the {name} argument) to an integer{bound}"
+    raise ConfigError(f"{name}={value!r} is not an integer{bound}; {fix}")
+
+
+def check_counts(n_way: object, k_shot: object, q_query: object) -> tuple[int, int, int]:
+    """The one check of an episode's shape: ``(n_way >= 2, k_shot >= 1, q_query >= 1)`` as ints.
+
+    Raises:
+        ConfigError: for the first one that is not an integer in range.
+    """
+    return check_int("n_way", n_way, 2), check_int("k_shot", k_shot, 1), check_int("q_query", q_query, 1)
+
+
+def permuted_split(ids: np.ndarray, sizes: Mapping[str, int], seed: int) -> dict[str, np.ndarray]:
+    """Cut ``numpy.random.default_rng(seed).permutation(ids)`` (``ids`` int ``(n,)``) into blocks.
+
+    Returns:
+        ``{split: sorted int array}``, the blocks of ``sizes`` ``{split: n_classes}`` in order.
+    """
+    perm = np.random.default_rng(seed).permutation(np.asarray(ids))
+    cuts = np.cumsum([0, *sizes.values()])
+    return {s: np.sort(perm[a:b]) for s, a, b in zip(sizes, cuts[:-1], cuts[1:])}
+
+
+def split_classes(
+    class_names: Sequence[str], fractions: Sequence[float] = (0.6, 0.2, 0.2), seed: int = 0,
+    classes: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, np.ndarray]:
+    """Indices (into ``class_names``) of each split's classes, int64 ``{split: (n,)}``.
+
+    Args:
+        class_names: all class names.
+        fractions: shares of (train, val, test); the classes of a seeded permutation are
+            assigned in that order (train and val rounded, test takes the rest).
+        seed: seed of the permutation.
+        classes: explicit ``{split: [class names]}`` instead of fractions; splits not named
+            get no classes.
+
+    Raises:
+        ConfigError: bad fractions, unknown split or class names, a class in two splits.
+    """
+    index = {name: i for i, name in enumerate(class_names)}
+    if classes is not None:
+        out, seen = {}, {}
+        for split, names in classes.items():
+            check_split(split)
+            unknown = [n for n in names if n not in index]
+            if unknown:
+                raise ConfigError(
+                    f"classes.{split} names {unknown[:5]}, which are not class folders "
+                    f"(there are {len(class_names)}: {list(class_names)[:5]}...); fix the names"
+                )
+            for n in names:
+                if n in seen and seen[n] != split:
+                    raise ConfigError(f"class {n!r} is in both {seen[n]} and {split}; splits must be disjoint")
+                seen[n] = split
+            out[split] = np.array([index[n] for n in names], dtype=np.int64)
+        return {s: out.get(s, np.zeros(0, dtype=np.int64)) for s in SPLITS}
+    fr = [float(f) for f in fractions]
+    if len(fr) != 3 or any(f < 0 for f in fr) or not np.isclose(sum(fr), 1.0):
+        raise ConfigError(
+            f"split_fractions={list(fractions)} must be three non-negative shares of "
+            "(train, val, test) summing to 1, e.g. [0.6, 0.2, 0.2] or [0, 0, 1]"
+        )
+    n = len(class_names)
+    n_train = round(fr[0] * n)
+    n_val = min(round(fr[1] * n), n - n_train)
+    return permuted_split(np.arange(n), {"train": n_train, "val": n_val, "test": n - n_train - n_val}, seed)
+
+
 # ------------------------------------------------------------------------------ pixels
+def pixel_normalisation(
+    channels: int, invert: bool = False, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-channel ``(scale, shift, std)``, float32 ``(C,)`` each, of the pixel normalisation.
+
+    A pixel ``x`` in [0, 1] becomes ``(x * scale - shift) / std``: ``x`` (or ``1 - x`` with
+    ``invert``) minus ``mean``, divided by ``std`` (defaults 0 and 1).
+
+    Raises:
+        ConfigError: ``mean`` or ``std`` without one value per channel, or ``std <= 0``.
+    """
+    m = np.zeros(channels, np.float32) if mean is None else np.asarray(list(mean), np.float32)
+    sd = np.ones(channels, np.float32) if std is None else np.asarray(list(std), np.float32)
+    if m.shape != (channels,) or sd.shape != (channels,):
+        raise ConfigError(f"mean and std need {channels} value(s), one per channel; set task.mean / task.std")
+    if np.any(sd <= 0):
+        raise ConfigError(f"std={sd.tolist()} must be positive; fix task.std")
+    if invert:  # 1 - x - mean = x * (-1) - (mean - 1)
+        return np.full(channels, -1.0, np.float32), m - 1.0, sd
+    return np.ones(channels, np.float32), m, sd
+
+
 @dataclass(frozen=True, eq=False)
 class PixelNorm:
     """The pixel normaliser: stored values -> float32 ``(x / divisor * scale - shift) / std``.
@@ -42,13 +155,20 @@ class PixelNorm:
     channel. uint8 pixels reach [0, 1] in two roundings, each kept where it was so that tasks
     stay bit-identical (they differ in the last bit for half of the 256 values): ``x / 255``
     (:data:`UNIT_PIXELS`: Omniglot, :func:`sample_task`, adapters) and ``x * float32(1/255)``
-    (image folders and miniImageNet, through :func:`sample_task_ragged`).
+    (:meth:`from_settings`: image folders, miniImageNet).
     """
 
     divisor: float | None = None
     scale: float | np.ndarray | None = None
     shift: np.ndarray | None = None
     std: np.ndarray | None = None
+
+    @classmethod
+    def from_settings(cls, channels: int, invert: bool = False, mean=None, std=None) -> PixelNorm:
+        """uint8 ``x`` -> ``x / 255`` (``1 - x / 255`` with ``invert``) minus ``mean``, over ``std``
+        (validated by :func:`pixel_normalisation`)."""
+        scale, shift, sd = pixel_normalisation(channels, invert, mean, std)
+        return cls(scale=scale.astype(np.float64) / 255.0, shift=shift, std=sd)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Examples ``(..., C, H, W)`` of any dtype -> a new float32 array of the same shape."""
@@ -150,6 +270,55 @@ class RaggedPool:
         return self.ids[pos], self.examples[np.stack(picked)]
 
 
+@dataclass(frozen=True)
+class Rotations:
+    """Rotations as classes (Santoro et al. 2016; Vinyals et al. 2016), a class transform.
+
+    Every (class, angle) pair is its own class, id ``base + period * (angle // 90)`` (``period``
+    above every base id; Omniglot: 1623): :meth:`expand` makes a pool's classes those pairs and
+    the object, a :data:`ClassTransform`, turns each drawn class's examples by its angle
+    (``angles``: distinct, from :attr:`ALL`, counter-clockwise in the last two axes).
+    """
+
+    angles: tuple[int, ...]
+    period: int
+    ALL: ClassVar[tuple[int, ...]] = (0, 90, 180, 270)
+
+    @classmethod
+    def parse(cls, angles: Iterable[int], period: int) -> Rotations:
+        """Validate a list of angles (``task.rotations``); ConfigError if it is not one."""
+        fix = (
+            f"set task.rotations to a list of angles from {cls.ALL} (degrees counter-clockwise), "
+            "or null for the protocol's default"
+        )
+        if isinstance(angles, (str, bytes)) or not isinstance(angles, Iterable):
+            raise ConfigError(f"rotations={angles!r} is not a list of angles; {fix}")
+        given, parsed = list(angles), []
+        for r in given:
+            angle = check_int("rotation", r, fix=fix)
+            if angle not in cls.ALL:
+                raise ConfigError(f"rotation {r!r} is not supported; {fix}")
+            if angle in parsed:
+                raise ConfigError(f"rotation {angle} is listed twice in rotations={given}; list it once in task.rotations")
+            parsed.append(angle)
+        if not parsed:
+            raise ConfigError("rotations=[] is empty; use task.rotations=[0] for no rotation, or null for the default")
+        return cls(tuple(parsed), period)
+
+    def expand(self, ids: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, rows)`` of the rotated classes of ``ids`` stored at ``rows`` (int ``(n,)``):
+        int ``(n * len(angles),)`` each, angle-major."""
+        turns = np.array([a // 90 for a in self.angles], dtype=np.int64)
+        return (ids[None, :] + self.period * turns[:, None]).reshape(-1), np.tile(rows, len(turns))
+
+    def __call__(self, batch: np.ndarray, classes: np.ndarray) -> np.ndarray:
+        """Rotate in place each class's examples, ``batch`` ``(n_way, n, ..., H, W)``."""
+        for i, turns in enumerate((classes // self.period).tolist()):
+            if turns:
+                batch[i] = np.rot90(batch[i], turns, axes=(-2, -1))
+        return batch
+
+
 # ------------------------------------------------------------------------------ episodes
 def make_task(support: np.ndarray, query: np.ndarray, classes: np.ndarray) -> Task:
     """A :class:`Task` of float32 ``support`` ``(n_way, k_shot, *item)`` and ``query``
@@ -201,7 +370,7 @@ def sample_task(
         class_ids: int ``(n_pool,)``, the classes to draw from, each its row of ``images``
             unless ``rows`` (int ``(n_pool,)``) gives the row of ``class_ids[i]``.
         n_way, k_shot, q_query, rng: the episode's shape and only source of randomness.
-        transform: optional :data:`ClassTransform` (e.g. per-class rotation).
+        transform: optional :data:`ClassTransform` (e.g. :class:`Rotations`).
         rows: see ``class_ids``.
 
     Raises:
@@ -240,3 +409,40 @@ def sample_task_ragged(
     ids = np.asarray(class_ids)
     pool = RaggedPool(images, ids, [class_rows[c] for c in ids.tolist()])
     return compose(pool, n_way, k_shot, q_query, rng, pixels=PixelNorm(scale=scale, shift=mean, std=std))
+
+
+class PoolSampler:
+    """The base of the loaders: a :class:`~metanas.tasks.TaskSampler` with one pool per split.
+
+    A loader sets ``n_way``, ``k_shot``, ``q_query`` (:func:`check_counts`), ``input_shape`` and
+    ``pools`` ``{split: pool}`` (or overrides :meth:`pool`), and may set the class ``transforms``,
+    the ``pixels`` normaliser and ``where`` (names the data in messages, e.g. ``"folder x: "``).
+    """
+
+    n_way: int
+    k_shot: int
+    q_query: int
+    input_shape: tuple[int, ...]
+    pools: dict[str, DensePool | RaggedPool]
+    transforms: Sequence[ClassTransform] = ()
+    pixels: Callable[[np.ndarray], np.ndarray] = PixelNorm()
+    where = ""
+
+    def pool(self, split: Split) -> DensePool | RaggedPool:
+        """The class pool of ``split`` (a valid split name)."""
+        return self.pools[split]
+
+    def sample(self, split: Split, rng: np.random.Generator) -> Task:
+        """Draw one task (see :func:`compose`) from ``split`` using only ``rng``.
+
+        Raises:
+            ConfigError: an unknown split, or an rng that is not a numpy Generator.
+            DataError: the split has fewer than ``n_way`` classes.
+        """
+        pool = self.pool(check_split(split))
+        if len(pool.ids) < self.n_way:
+            raise DataError(
+                f"{self.where}split {split!r} has {len(pool.ids)} classes, fewer than "
+                f"n_way={self.n_way}; change split_fractions / classes or lower n_way"
+            )
+        return compose(pool, self.n_way, self.k_shot, self.q_query, rng, self.transforms, self.pixels)

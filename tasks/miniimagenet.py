@@ -38,25 +38,20 @@ import tempfile
 import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 from PIL import Image
 
 from metanas.errors import ConfigError, DataError
 
-from .base import SPLITS, Split, Task, check_split
-from .core import sample_task_ragged
+from .base import SPLITS, Split, check_split
+from .core import PixelNorm, PoolSampler, RaggedPool, check_counts, check_int
 from .image_folder import load_image
 
 __all__ = [
-    "DEFAULT_URLS",
-    "MiniImageNetTasks",
-    "detect_format",
-    "download",
-    "download_miniimagenet",
-    "read_split_csv",
-    "safe_load_pickle",
+    "DEFAULT_URLS", "MiniImageNetTasks", "detect_format", "download", "download_miniimagenet",
+    "read_split_csv", "safe_load_pickle",
 ]
 
 log = logging.getLogger(__name__)
@@ -174,11 +169,12 @@ def _resize_hwc(images: np.ndarray, image_size: int, channels: int) -> np.ndarra
     return out
 
 
-class _Split:
+class _Split(NamedTuple):
     """One split's decoded examples: flat images, per-class rows and class names."""
 
-    def __init__(self, images: np.ndarray, rows: list[np.ndarray], names: list[str]) -> None:
-        self.images, self.rows, self.names = images, rows, names
+    images: np.ndarray
+    rows: list[np.ndarray]
+    names: list[str]
 
 
 def _load_pickle_split(path: Path, image_size: int, channels: int) -> _Split:
@@ -238,8 +234,11 @@ def _load_csv_split(root: Path, split: str, image_size: int, channels: int, cach
 
 
 # ---------------------------------------------------------------------------------- sampler
-class MiniImageNetTasks:
+class MiniImageNetTasks(PoolSampler):
     """N-way K-shot tasks from miniImageNet (see the module docstring for the formats).
+
+    Tasks are float32, ``support_x`` ``(n_way * k_shot, C, S, S)`` and ``query_x``
+    ``(n_way * q_query, C, S, S)``, normalised by :attr:`pixels`.
 
     Args:
         root: the dataset folder.
@@ -256,23 +255,14 @@ class MiniImageNetTasks:
     """
 
     def __init__(
-        self,
-        root: str | os.PathLike | None = None,
-        n_way: int = 5,
-        k_shot: int = 1,
-        q_query: int = 15,
-        image_size: int = 84,
-        channels: int = 3,
-        format: str = "auto",
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
-        cache: bool = True,
+        self, root: str | os.PathLike | None = None, n_way: int = 5, k_shot: int = 1, q_query: int = 15,
+        image_size: int = 84, channels: int = 3, format: str = "auto", mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None, cache: bool = True,
     ) -> None:
         if root in (None, ""):
             raise ConfigError("task.root is not set; pass the miniImageNet folder")
-        for name, value, lowest in (("n_way", n_way, 2), ("k_shot", k_shot, 1), ("q_query", q_query, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
-                raise ConfigError(f"{name}={value!r} must be an int >= {lowest}")
+        self.n_way, self.k_shot, self.q_query = check_counts(n_way, k_shot, q_query)
+        check_int("image_size", image_size, 1, fix="set task.image_size, e.g. 84")
         if channels not in (1, 3):
             raise ConfigError(f"channels={channels!r}; use 3 (RGB) or 1 (grey)")
         if format not in ("auto", "pickle", "csv"):
@@ -292,14 +282,12 @@ class MiniImageNetTasks:
                     f"miniImageNet in {self.root} lacks its {split} split ({self.format} format); "
                     + _DOWNLOAD_HINT.format(root=self.root)
                 )
-        self.n_way, self.k_shot, self.q_query = n_way, k_shot, q_query
         self.image_size, self.channels, self.cache = image_size, channels, cache
         self.input_shape = (channels, image_size, image_size)
         self.mean = None if mean is None else np.asarray(list(mean), dtype=np.float32)
         self.std = None if std is None else np.asarray(list(std), dtype=np.float32)
-        for name, v in (("mean", self.mean), ("std", self.std)):
-            if v is not None and v.shape != (channels,):
-                raise ConfigError(f"{name} needs {channels} value(s), one per channel")
+        #: uint8 images -> float32, exactly as the sampler's tasks see them
+        self.pixels = PixelNorm.from_settings(channels, False, mean, std)
         self._splits: dict[str, _Split] = {}
 
     def split_data(self, split: Split) -> _Split:
@@ -330,13 +318,10 @@ class MiniImageNetTasks:
         """The class labels (WordNet ids) of a split, indexed by ``Task.classes``."""
         return self.split_data(split).names
 
-    def sample(self, split: Split, rng: np.random.Generator) -> Task:
-        """Draw one task from ``split`` using only ``rng``."""
+    def pool(self, split: Split) -> RaggedPool:
+        """The classes of ``split``, decoded on first use; ``Task.classes`` index :meth:`class_names`."""
         data = self.split_data(split)
-        return sample_task_ragged(
-            data.images, data.rows, np.arange(len(data.names)), self.n_way, self.k_shot,
-            self.q_query, rng, scale=1.0 / 255.0, mean=self.mean, std=self.std,
-        )
+        return RaggedPool(data.images, np.arange(len(data.names)), data.rows)
 
     def __repr__(self) -> str:
         return f"MiniImageNetTasks({str(self.root)!r}, {self.format}, {self.n_way}-way {self.k_shot}-shot)"
