@@ -11,7 +11,7 @@ Public API:
   over an array of per-class examples, for custom samplers.
 * :mod:`metanas.tasks.core`: the shared core every built-in loader reuses, for writing a new
   one: the count check, class splits, class pools and episode composition, class transforms
-  (rotations as classes) and the pixel normaliser.
+  (rotations as classes), the pixel normaliser and the validated ``.npz`` cache.
 * :class:`OmniglotTasks`: Omniglot from the embedded, offline ``omniglot.npz``.
 * :class:`ImageFolderTasks`: any folder of class sub-folders of images.
 * :class:`MiniImageNetTasks`: miniImageNet (split CSVs + images, or pickled arrays).

@@ -11,27 +11,39 @@ data and says which classes each split has; the rest is here, for a new loader t
   (e.g. :class:`Rotations`), map the pixels with a :class:`PixelNorm`, cut support / query.
 * :class:`PoolSampler`: a :class:`~metanas.tasks.TaskSampler` over one pool per split, the
   base of the loaders.
+* :func:`load_cached`: a validated ``.npz`` cache, rebuilt when damaged, written atomically.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
+import logging
 import operator
+import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from metanas.errors import ConfigError, DataError
+from metanas.io import atomic_write_bytes
 
 from .base import SPLITS, Split, Task, check_split
 
 __all__ = [
-    "UNIT_PIXELS", "ClassTransform", "DensePool", "PixelNorm", "PoolSampler", "RaggedPool",
-    "Rotations", "check_counts", "check_int", "compose", "draw_episode", "make_task", "permuted_split",
-    "pixel_normalisation", "sample_task", "sample_task_ragged", "split_classes",
+    "UNIT_PIXELS", "ClassTransform", "DensePool", "Layout", "PixelNorm", "PoolSampler", "RaggedPool",
+    "Rotations", "check_counts", "check_int", "compose", "draw_episode", "load_cached",
+    "make_task", "permuted_split", "pixel_normalisation", "read_npz", "sample_task", "sample_task_ragged",
+    "split_classes",
 ]
+
+log = logging.getLogger(__name__)
 
 #: ``f(batch, classes) -> batch`` on the drawn examples ``(n_way, k_shot + q_query, *item)`` (a
 #: fresh array, may change in place) and their class ids ``(n_way,)``; keeps the first two axes.
@@ -446,3 +458,79 @@ class PoolSampler:
                 f"n_way={self.n_way}; change split_fractions / classes or lower n_way"
             )
         return compose(pool, self.n_way, self.k_shot, self.q_query, rng, self.transforms, self.pixels)
+
+
+# ------------------------------------------------------------------------------ npz files
+#: ``{key: (dtype, or a dtype kind letter such as "U"; shape)}``: the arrays an npz must hold.
+Layout = Mapping[str, tuple[np.dtype | str, tuple[int, ...]]]
+
+
+def _layout_problem(zf: zipfile.ZipFile, expected: Layout) -> str | None:
+    names = set(zf.namelist())
+    missing = [k for k in expected if f"{k}.npy" not in names]
+    if missing:
+        return f"lacks the arrays {missing}"
+    for key, (want, want_shape) in expected.items():
+        with zf.open(f"{key}.npy") as fh:
+            fmt = np.lib.format
+            v1 = fmt.read_magic(fh) == (1, 0)
+            shape, _, dtype = (fmt.read_array_header_1_0 if v1 else fmt.read_array_header_2_0)(fh)
+        dtype_ok = dtype.kind == want if isinstance(want, str) else dtype == want
+        if tuple(shape) != tuple(want_shape) or not dtype_ok:
+            return f"array {key!r} is {dtype} {tuple(shape)}, expected {want} {tuple(want_shape)}"
+    return None
+
+
+def read_npz(
+    path: Path, expected: Layout, keys: Iterable[str] | None = None, fix: str = ""
+) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` (default: those of ``expected``) of a validated ``.npz``.
+
+    Every ``expected`` key, dtype and shape is checked from the npy headers first (without
+    decompressing); arrays are read whole (zip CRCs checked), never unpickled.
+
+    Raises:
+        DataError: naming ``path``, what is wrong (unreadable, truncated, corrupt, an array
+            missing or of another dtype or shape) and ``fix``.
+    """
+    try:
+        with zipfile.ZipFile(path) as zf:
+            problem = _layout_problem(zf, expected)
+            if problem is None:
+                arrays = {}
+                for key in expected if keys is None else keys:
+                    with zf.open(f"{key}.npy") as fh:
+                        arrays[key] = np.lib.format.read_array(fh, allow_pickle=False)
+                return arrays
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        problem = f"cannot be read ({type(exc).__name__}: {exc}): it is truncated or corrupt"
+    raise DataError(f"{path}: {problem}" + (f"; {fix}" if fix else ""))
+
+
+def load_cached(
+    folder: str | Path | None, prefix: str, key: object, expected: Layout,
+    build: Callable[[], dict[str, np.ndarray]],
+) -> dict[str, np.ndarray]:
+    """The arrays cached in ``folder/<prefix>-<hash of key>.npz``, or ``build()``'s, then cached
+    there atomically (``key``: JSON-able, all the arrays depend on; ``folder`` None: no cache).
+
+    A cache file is used only if :func:`read_npz` accepts it with the ``expected`` layout; a
+    damaged one (truncated, corrupt, another shape or dtype) is logged and rebuilt, one that
+    cannot be written is logged and skipped.
+    """
+    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:20]
+    path = None if folder is None else Path(folder).expanduser() / f"{prefix}-{digest}.npz"
+    if path is not None and path.is_file():
+        try:
+            return read_npz(path, expected)
+        except DataError as exc:
+            log.warning("rebuilding the damaged cache %s", exc)
+    arrays = build()
+    if path is not None:
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        try:
+            atomic_write_bytes(path, buffer.getvalue())
+        except OSError as exc:  # a read-only place: work without a cache
+            log.warning("cannot write the cache %s (%s); set cache_dir or cache=false", path, exc)
+    return arrays

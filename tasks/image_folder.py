@@ -16,7 +16,8 @@ with ``mean`` / ``std``.
 
 The decoded arrays are cached as ``.npz`` keyed by a hash of the file list, file sizes,
 modification times and the decoding settings, so a second run loads in milliseconds and any
-change to the folder invalidates the cache. Cache files are written atomically.
+change to the folder invalidates the cache (:func:`metanas.tasks.core.load_cached`: written
+atomically, rebuilt when unreadable or of the wrong shape or dtype).
 
 Classes are split into meta-train / meta-val / meta-test either by fractions of a seeded
 permutation of the sorted class names or by explicit lists of class names.
@@ -24,12 +25,8 @@ permutation of the sorted class names or by explicit lists of class names.
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import logging
 import os
-import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +36,7 @@ from PIL import Image
 
 from metanas.errors import ConfigError, DataError
 
-from .core import PixelNorm, PoolSampler, RaggedPool, check_counts, check_int, split_classes
+from .core import PixelNorm, PoolSampler, RaggedPool, check_counts, check_int, load_cached, split_classes
 from .core import pixel_normalisation  # re-exported: metanas.adapt_cli imports it from here
 
 __all__ = [
@@ -225,36 +222,15 @@ def load_image_folder(
         for f in files:
             st = f.stat()
             entries.append((f.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
-    key = hashlib.sha256(
-        json.dumps([_CACHE_VERSION, image_size, channels, entries]).encode()
-    ).hexdigest()[:20]
-    cache_file = Path(cache_dir or _default_cache_dir(root)).expanduser() / f"images-{key}.npz"
-    class_names = tuple(name for name, _ in classes)
     files = tuple(e[0] for e in entries)
-    if cache and cache_file.is_file():
-        try:
-            with np.load(cache_file, allow_pickle=False) as z:
-                images, labels = z["images"], z["labels"]
-            if images.shape == (len(files), channels, image_size, image_size):
-                log.debug("image folder %s: cache hit %s", root, cache_file)
-                return ImageFolderData(images, labels, class_names, files)
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:  # a damaged cache is rebuilt, never trusted
-            log.warning("ignoring unreadable cache %s (%s)", cache_file, exc)
-    labels = np.concatenate(
-        [np.full(len(fs), i, dtype=np.int64) for i, (_, fs) in enumerate(classes)]
-    )
-    images = load_images([root / f for f in files], image_size, channels)
-    if cache:
-        buffer = io.BytesIO()
-        np.savez(buffer, images=images, labels=labels)
-        try:
-            from metanas.io import atomic_write_bytes
-
-            atomic_write_bytes(cache_file, buffer.getvalue())
-            log.info("image folder %s: %d images cached in %s", root, len(files), cache_file)
-        except OSError as exc:  # a read-only place: work without a cache
-            log.warning("cannot write the image cache %s (%s); set cache_dir", cache_file, exc)
-    return ImageFolderData(images, labels, class_names, files)
+    labels = np.concatenate([np.full(len(fs), i, dtype=np.int64) for i, (_, fs) in enumerate(classes)])
+    key = [_CACHE_VERSION, image_size, channels, entries]
+    layout = {"images": (np.dtype(np.uint8), (len(files), channels, image_size, image_size)),
+              "labels": (np.dtype(np.int64), (len(files),))}  # labels: derived, kept for the v1 format
+    folder = (cache_dir or _default_cache_dir(root)) if cache else None
+    arrays = load_cached(folder, "images", key, layout, lambda: {
+        "images": load_images([root / f for f in files], image_size, channels), "labels": labels})
+    return ImageFolderData(arrays["images"], labels, tuple(n for n, _ in classes), files)
 
 
 class ImageFolderTasks(PoolSampler):

@@ -16,7 +16,8 @@ meta-test. Two formats are common and both are read from ``root``:
 
 Pixels become float32 ``x / 255`` in [0, 1], optionally normalised per channel with ``mean``
 and ``std``. Splits are decoded on first use and, for the CSV format, cached as ``.npz``
-(:func:`metanas.tasks.image_folder` conventions: keyed by file sizes and times, atomic writes).
+(:func:`metanas.tasks.core.load_cached`, as for image folders: keyed by file sizes and times,
+written atomically, rebuilt when unreadable or of the wrong shape or dtype).
 
 Download (pickle format, about 1.1 GB)::
 
@@ -28,8 +29,6 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import io
-import json
 import logging
 import os
 import pickle
@@ -46,8 +45,8 @@ from PIL import Image
 from metanas.errors import ConfigError, DataError
 
 from .base import SPLITS, Split, check_split
-from .core import PixelNorm, PoolSampler, RaggedPool, check_counts, check_int
-from .image_folder import load_image
+from .core import PixelNorm, PoolSampler, RaggedPool, check_counts, check_int, load_cached
+from .image_folder import load_images
 
 __all__ = [
     "DEFAULT_URLS", "MiniImageNetTasks", "detect_format", "download", "download_miniimagenet",
@@ -213,24 +212,11 @@ def _load_csv_split(root: Path, split: str, image_size: int, channels: int, cach
     lab = np.array([index[s] for s in labels], dtype=np.int64)
     rows = [np.flatnonzero(lab == i) for i in range(len(names))]
     stats = [(f, p.stat().st_size, p.stat().st_mtime_ns) for f, p in zip(files, paths)]
-    key = hashlib.sha256(json.dumps([_CACHE_VERSION, split, image_size, channels, stats]).encode()).hexdigest()[:20]
-    cache_file = root / ".metanas_cache" / f"{split}-{key}.npz"
-    if cache and cache_file.is_file():
-        with np.load(cache_file) as z:
-            return _Split(z["images"], rows, names)
-    images = np.empty((len(paths), channels, image_size, image_size), dtype=np.uint8)
-    for i, p in enumerate(paths):
-        images[i] = load_image(p, image_size, channels)
-    if cache:
-        from metanas.io import atomic_write_bytes
-
-        buf = io.BytesIO()
-        np.savez(buf, images=images)
-        try:
-            atomic_write_bytes(cache_file, buf.getvalue())
-        except OSError as exc:
-            log.warning("cannot write the cache %s (%s)", cache_file, exc)
-    return _Split(images, rows, names)
+    key = [_CACHE_VERSION, split, image_size, channels, stats]
+    layout = {"images": (np.dtype(np.uint8), (len(paths), channels, image_size, image_size))}
+    arrays = load_cached(root / ".metanas_cache" if cache else None, split, key, layout,
+                         lambda: {"images": load_images(paths, image_size, channels)})
+    return _Split(arrays["images"], rows, names)
 
 
 # ---------------------------------------------------------------------------------- sampler

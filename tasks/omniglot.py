@@ -29,8 +29,6 @@ import hashlib
 import logging
 import os
 import time
-import zipfile
-import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
@@ -43,7 +41,9 @@ from PIL import Image
 from metanas.errors import ConfigError, DataError
 
 from .base import SPLITS, Split, check_split
-from .core import UNIT_PIXELS, DensePool, PoolSampler, Rotations, check_counts, check_int, permuted_split
+from .core import (
+    UNIT_PIXELS, DensePool, Layout, PoolSampler, Rotations, check_counts, check_int, permuted_split, read_npz,
+)
 
 __all__ = ["DIGESTS", "OmniglotData", "OmniglotTasks", "load_omniglot", "resize_packed"]
 
@@ -62,8 +62,7 @@ DIGESTS = {
     "images_28": "064c72a352f9e549c13af971be4d08e06ad22a438a17d630f7131a03ee0665c2",
 }
 
-# key -> (dtype, or a dtype kind letter for strings; shape)
-_EXPECTED: dict[str, tuple[np.dtype | str, tuple[int, ...]]] = {
+_EXPECTED: Layout = {
     "images_packed": (np.dtype(np.uint8), (N_CHARACTERS, N_DRAWINGS, 1379)),
     "images_28": (np.dtype(np.uint8), (N_CHARACTERS, N_DRAWINGS, 28, 28)),
     "char_alphabet": (np.dtype(np.int16), (N_CHARACTERS,)),
@@ -144,38 +143,6 @@ def resize_packed(packed: np.ndarray, size: int, chunk: int = 1000) -> np.ndarra
     return out.reshape(*lead, size, size)
 
 
-def _read_header(zf: zipfile.ZipFile, key: str) -> tuple[tuple[int, ...], np.dtype]:
-    with zf.open(f"{key}.npy") as fh:
-        version = np.lib.format.read_magic(fh)
-        if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
-        else:
-            shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
-    return shape, dtype
-
-
-def _read_array(zf: zipfile.ZipFile, key: str) -> np.ndarray:
-    with zf.open(f"{key}.npy") as fh:
-        return np.lib.format.read_array(fh, allow_pickle=False)
-
-
-def _check_layout(zf: zipfile.ZipFile, path: Path) -> None:
-    names = set(zf.namelist())
-    missing = [k for k in _EXPECTED if f"{k}.npy" not in names]
-    if missing:
-        raise DataError(
-            f"{path} lacks the arrays {missing}; it is not metanas' omniglot.npz; {_FIX}"
-        )
-    for key, (want_dtype, want_shape) in _EXPECTED.items():
-        shape, dtype = _read_header(zf, key)
-        dtype_ok = dtype.kind == want_dtype if isinstance(want_dtype, str) else dtype == want_dtype
-        if tuple(shape) != want_shape or not dtype_ok:
-            raise DataError(
-                f"{path}: array {key!r} is {dtype} {tuple(shape)}, expected {want_dtype} "
-                f"{want_shape}; the file is corrupt or not metanas' omniglot.npz; {_FIX}"
-            )
-
-
 def load_omniglot(
     path: str | os.PathLike[str] | None = None, image_size: int = 28, verify: bool = True
 ) -> OmniglotData:
@@ -210,18 +177,8 @@ def _load_file(path: Path, image_size: int, verify: bool) -> OmniglotData:
         raise DataError(f"Omniglot data file {path} does not exist; {_FIX}")
     key = "images_28" if image_size == 28 else "images_packed"
     t0 = time.perf_counter()
-    try:
-        with zipfile.ZipFile(path) as zf:
-            _check_layout(zf, path)
-            raw = _read_array(zf, key)
-            meta = {k: _read_array(zf, k) for k in _METADATA}
-    except DataError:
-        raise
-    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError, KeyError) as exc:
-        raise DataError(
-            f"cannot read Omniglot data file {path} ({type(exc).__name__}: {exc}); it is "
-            f"truncated or corrupt; {_FIX}"
-        ) from exc
+    arrays = read_npz(path, _EXPECTED, (key, *_METADATA), fix=_FIX)
+    raw, meta = arrays.pop(key), arrays
     t_load = time.perf_counter() - t0
     if verify:
         digest = hashlib.sha256(np.ascontiguousarray(raw).data).hexdigest()
