@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -40,8 +41,9 @@ from .core import PixelNorm, PoolSampler, RaggedPool, check_counts, check_int, l
 from .core import pixel_normalisation  # re-exported: metanas.adapt_cli imports it from here
 
 __all__ = [
-    "IMAGE_SUFFIXES", "ImageFolderData", "ImageFolderTasks", "is_image_file", "list_class_folders",
-    "load_image", "load_image_folder", "load_images", "pixel_normalisation", "split_classes",
+    "IMAGE_SUFFIXES", "ImageFolderData", "ImageFolderTasks", "image_array", "is_image_file",
+    "list_class_folders", "load_image", "load_image_folder", "load_images", "pixel_normalisation",
+    "split_classes",
 ]
 
 log = logging.getLogger(__name__)
@@ -151,6 +153,14 @@ def _convert(im: Image.Image, channels: int) -> Image.Image:
     return im.convert("L" if channels == 1 else "RGB")
 
 
+def image_array(im: Image.Image, image_size: int, channels: int) -> np.ndarray:
+    """A Pillow image of any mode as uint8 ``(channels, image_size, image_size)``, converted and
+    resized as the module docstring says."""
+    im = _convert(im, channels).resize((image_size, image_size), Image.Resampling.BILINEAR)
+    arr = np.asarray(im, dtype=np.uint8)
+    return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
 def load_image(path: str | os.PathLike, image_size: int, channels: int) -> np.ndarray:
     """Read one image as uint8 ``(channels, image_size, image_size)``.
 
@@ -160,22 +170,22 @@ def load_image(path: str | os.PathLike, image_size: int, channels: int) -> np.nd
     try:
         with Image.open(path) as im:
             im.load()  # decodes now: a truncated file raises here
-            im = _convert(im, channels)
-            im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
+            return image_array(im, image_size, channels)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(
             f"image {path} cannot be read ({type(exc).__name__}: {exc}); it is truncated, "
             "corrupt or not an image: replace or delete it"
         ) from exc
-    arr = np.asarray(im, dtype=np.uint8)
-    return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
-def load_images(files: Sequence[Path], image_size: int, channels: int) -> np.ndarray:
-    """Read images as uint8 ``(len(files), channels, image_size, image_size)``."""
-    out = np.empty((len(files), channels, image_size, image_size), dtype=np.uint8)
-    for i, f in enumerate(files):
-        out[i] = load_image(f, image_size, channels)
+def load_images(
+    items: Sequence[Any], image_size: int, channels: int, read: Callable[[Any, int, int], np.ndarray] = load_image
+) -> np.ndarray:
+    """``read(item, image_size, channels)`` of each item (default: image files) as uint8
+    ``(len(items), channels, image_size, image_size)``."""
+    out = np.empty((len(items), channels, image_size, image_size), dtype=np.uint8)
+    for i, item in enumerate(items):
+        out[i] = read(item, image_size, channels)
     return out
 
 

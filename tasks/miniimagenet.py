@@ -46,7 +46,7 @@ from metanas.errors import ConfigError, DataError
 
 from .base import SPLITS, Split, check_split
 from .core import PixelNorm, PoolSampler, RaggedPool, check_counts, check_int, load_cached
-from .image_folder import load_images
+from .image_folder import image_array, load_images
 
 __all__ = [
     "DEFAULT_URLS", "MiniImageNetTasks", "detect_format", "download", "download_miniimagenet",
@@ -153,19 +153,9 @@ def read_split_csv(path: Path) -> tuple[list[str], list[str]]:
 
 def _resize_hwc(images: np.ndarray, image_size: int, channels: int) -> np.ndarray:
     """uint8 ``(N, H, W, 3)`` -> uint8 ``(N, channels, S, S)``."""
-    n, h, w, _ = images.shape
-    if h == w == image_size and channels == 3:
+    if images.shape[1] == images.shape[2] == image_size and channels == 3:
         return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
-    out = np.empty((n, channels, image_size, image_size), dtype=np.uint8)
-    for i in range(n):
-        im = Image.fromarray(images[i])
-        if channels == 1:
-            im = im.convert("L")
-        if im.size != (image_size, image_size):
-            im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
-        arr = np.asarray(im)
-        out[i] = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    return out
+    return load_images(images, image_size, channels, lambda a, s, c: image_array(Image.fromarray(a), s, c))
 
 
 class _Split(NamedTuple):
