@@ -32,17 +32,7 @@ SPLITS: tuple[str, ...] = get_args(Split)
 
 
 def check_split(split: object) -> Split:
-    """Return ``split`` unchanged if it names a split, else raise :class:`ConfigError`.
-
-    Args:
-        split: the value to check.
-
-    Returns:
-        ``split``, typed as :data:`Split`.
-
-    Raises:
-        ConfigError: if ``split`` is not one of :data:`SPLITS`.
-    """
+    """``split``, typed as :data:`Split`; :class:`ConfigError` if it is not one of :data:`SPLITS`."""
     if not isinstance(split, str) or split not in SPLITS:
         raise ConfigError(
             f"split={split!r} is not a task split; use one of {', '.join(map(repr, SPLITS))}"

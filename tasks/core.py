@@ -263,11 +263,8 @@ class RaggedPool:
 
     def draw(self, n_way: int, n_per_class: int, rng: np.random.Generator) -> tuple[np.ndarray, Any]:
         """``(ids (n_way,), examples (n_way, n_per_class, *item))``: one ``rng.choice`` of the
-        classes, then one ``rng.permutation`` of each chosen class's examples, in label order.
-
-        Raises:
-            ConfigError: see :func:`draw_episode`.
-        """
+        classes, then one ``rng.permutation`` of each chosen class's examples, in label order;
+        ConfigError as :func:`draw_episode`."""
         _check_pool(len(self.ids), n_way, rng)
         pos = rng.choice(len(self.ids), size=n_way, replace=False)
         picked = []
@@ -311,7 +308,9 @@ class Rotations:
             if angle not in cls.ALL:
                 raise ConfigError(f"rotation {r!r} is not supported; {fix}")
             if angle in parsed:
-                raise ConfigError(f"rotation {angle} is listed twice in rotations={given}; list it once in task.rotations")
+                raise ConfigError(
+                    f"rotation {angle} is listed twice in rotations={given}; list each angle once in task.rotations"
+                )
             parsed.append(angle)
         if not parsed:
             raise ConfigError("rotations=[] is empty; use task.rotations=[0] for no rotation, or null for the default")

@@ -105,12 +105,8 @@ def list_class_folders(root: str | os.PathLike, what: str = "image folder") -> l
     classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         loose = [p.name for p in root.iterdir() if is_image_file(p)]
-        hint = (
-            f" (it holds {len(loose)} loose images: put each class's images in a sub-folder "
-            "named after the class)"
-            if loose
-            else ""
-        )
+        hint = (f" (it holds {len(loose)} loose images: put each class's images in a sub-folder "
+                "named after the class)") if loose else ""
         raise DataError(
             f"{what} {root} has no class sub-folders{hint}; expected root/<class name>/<images>"
         )
