@@ -7,8 +7,11 @@ Public API:
   ``q_query``, ``input_shape``, ``sample(split, rng) -> Task``); :func:`check_sampler`
   validates an object against it.
 * :data:`Split` / :data:`SPLITS`: ``"train"``, ``"val"``, ``"test"``.
-* :func:`sample_task`: generic vectorised N-way K-shot Q-query composition over an array of
-  per-class examples, for custom samplers.
+* :func:`sample_task` / :func:`sample_task_ragged`: generic N-way K-shot Q-query composition
+  over an array of per-class examples, for custom samplers.
+* :mod:`metanas.tasks.core`: the shared core every built-in loader reuses, for writing a new
+  one: the count check, class splits, class pools and episode composition, class transforms
+  (rotations as classes), the pixel normaliser and the validated ``.npz`` cache.
 * :class:`OmniglotTasks`: Omniglot from the embedded, offline ``omniglot.npz``.
 * :class:`ImageFolderTasks`: any folder of class sub-folders of images.
 * :class:`MiniImageNetTasks`: miniImageNet (split CSVs + images, or pickled arrays).
@@ -17,15 +20,8 @@ Public API:
 """
 
 from .adapters import DatasetTasks, TasksetAdapter
-from .base import (
-    SPLITS,
-    Split,
-    Task,
-    TaskSampler,
-    check_sampler,
-    sample_task,
-    sample_task_ragged,
-)
+from .base import SPLITS, Split, Task, TaskSampler, check_sampler
+from .core import sample_task, sample_task_ragged
 from .image_folder import ImageFolderTasks, load_image_folder
 from .miniimagenet import MiniImageNetTasks
 from .omniglot import OmniglotTasks

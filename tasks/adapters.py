@@ -27,8 +27,8 @@ from torch import Tensor
 
 from metanas.errors import ConfigError, DataError
 
-from .base import SPLITS, Split, Task, check_split, sample_task_ragged
-from .image_folder import split_classes
+from .base import SPLITS, Split, Task, check_split
+from .core import UNIT_PIXELS, PoolSampler, RaggedPool, check_counts, make_task, split_classes
 
 __all__ = ["DatasetTasks", "TasksetAdapter"]
 
@@ -40,18 +40,13 @@ def _to_tensor(x: Any) -> Tensor:
     else:
         arr = np.asarray(x)
         if arr.dtype == np.uint8:
-            arr = arr.astype(np.float32) / 255.0
+            arr = UNIT_PIXELS(arr)
             if arr.ndim == 3:  # PIL / HWC
                 arr = arr.transpose(2, 0, 1)
         t = torch.from_numpy(np.ascontiguousarray(arr))
     if t.dim() == 2:
         t = t.unsqueeze(0)
     return t.float()
-
-
-def _check_counts(name: str, name_value: int, lowest: int) -> None:
-    if isinstance(name_value, bool) or not isinstance(name_value, int) or name_value < lowest:
-        raise ConfigError(f"{name}={name_value!r} must be an int >= {lowest}")
 
 
 class TasksetAdapter:
@@ -69,18 +64,10 @@ class TasksetAdapter:
     """
 
     def __init__(
-        self,
-        train: Any,
-        n_way: int,
-        k_shot: int,
-        q_query: int,
-        val: Any = None,
-        test: Any = None,
+        self, train: Any, n_way: int, k_shot: int, q_query: int, val: Any = None, test: Any = None,
         input_shape: Sequence[int] | None = None,
     ) -> None:
-        for name, value, lowest in (("n_way", n_way, 2), ("k_shot", k_shot, 1), ("q_query", q_query, 1)):
-            _check_counts(name, value, lowest)
-        self.n_way, self.k_shot, self.q_query = n_way, k_shot, q_query
+        self.n_way, self.k_shot, self.q_query = check_counts(n_way, k_shot, q_query)
         self.tasksets = {"train": train, "val": val, "test": test}
         for split, ts in self.tasksets.items():
             if ts is not None and not callable(getattr(ts, "sample", None)):
@@ -112,15 +99,8 @@ class TasksetAdapter:
                 "NWays(n_way) and KShots(k_shot + q_query)"
             )
         order = torch.cat([torch.nonzero(y == c).flatten() for c in classes])  # class-major, stable
-        xs = x[order].reshape(self.n_way, need, *x.shape[1:])
-        labels = torch.arange(self.n_way)
-        return Task(
-            support_x=xs[:, : self.k_shot].reshape(-1, *x.shape[1:]).contiguous(),
-            support_y=labels.repeat_interleave(self.k_shot),
-            query_x=xs[:, self.k_shot :].reshape(-1, *x.shape[1:]).contiguous(),
-            query_y=labels.repeat_interleave(self.q_query),
-            classes=tuple(int(c) for c in classes),
-        )
+        xs = x[order].reshape(self.n_way, need, *x.shape[1:]).numpy()
+        return make_task(xs[:, : self.k_shot], xs[:, self.k_shot :], classes.numpy())
 
     def sample(self, split: Split, rng: np.random.Generator) -> Task:
         """One task of ``split`` from its taskset (``rng`` is not used; see the module docstring)."""
@@ -166,7 +146,7 @@ def _labels_of(dataset: Any) -> np.ndarray:
     return np.asarray(labels)
 
 
-class DatasetTasks:
+class DatasetTasks(PoolSampler):
     """N-way K-shot tasks over a dataset of ``(x, y)`` pairs (see the module docstring).
 
     Args:
@@ -176,56 +156,40 @@ class DatasetTasks:
         split_fractions, split_seed: class split by a seeded permutation of the sorted labels.
         classes: explicit ``{split: [labels]}`` instead.
 
+    ``Task.classes`` are the labels ``y``.
+
     Raises:
         DataError: an empty dataset, non-pair items, or classes with fewer than
             ``k_shot + q_query`` examples.
     """
 
     def __init__(
-        self,
-        dataset: Any,
-        n_way: int = 5,
-        k_shot: int = 1,
-        q_query: int = 15,
-        split_fractions: Sequence[float] = (0.6, 0.2, 0.2),
-        split_seed: int = 0,
+        self, dataset: Any, n_way: int = 5, k_shot: int = 1, q_query: int = 15,
+        split_fractions: Sequence[float] = (0.6, 0.2, 0.2), split_seed: int = 0,
         classes: Mapping[str, Sequence[int]] | None = None,
     ) -> None:
-        for name, value, lowest in (("n_way", n_way, 2), ("k_shot", k_shot, 1), ("q_query", q_query, 1)):
-            _check_counts(name, value, lowest)
+        self.n_way, self.k_shot, self.q_query = check_counts(n_way, k_shot, q_query)
         if len(dataset) == 0:
             raise DataError("the dataset is empty; DatasetTasks needs (x, y) pairs of several classes")
-        self.n_way, self.k_shot, self.q_query = n_way, k_shot, q_query
         self.dataset = dataset
         labels = _labels_of(dataset)
         self.labels, inverse = np.unique(labels, return_inverse=True)  # sorted label values
-        self._rows = [np.flatnonzero(inverse == i) for i in range(len(self.labels))]
+        rows = [np.flatnonzero(inverse == i) for i in range(len(self.labels))]
         names = [str(v) for v in self.labels.tolist()]
         explicit = None if classes is None else {s: [str(v) for v in vs] for s, vs in classes.items()}
         self.splits = split_classes(names, split_fractions, split_seed, explicit)
-        need = k_shot + q_query
-        small = [(v, len(r)) for v, r in zip(self.labels.tolist(), self._rows) if len(r) < need]
+        need = self.k_shot + self.q_query
+        small = [(v, len(r)) for v, r in zip(self.labels.tolist(), rows) if len(r) < need]
         if small:
             raise DataError(
                 f"{len(small)} class(es) have fewer than k_shot + q_query = {need} examples "
                 f"(label, count): {small[:8]}; lower k_shot / q_query or drop those classes"
             )
-        self.input_shape = tuple(int(s) for s in _to_tensor(dataset[int(self._rows[0][0])][0]).shape)
+        self.input_shape = tuple(int(s) for s in _to_tensor(dataset[int(rows[0][0])][0]).shape)
         if len(self.input_shape) != 3:
             raise DataError(f"examples have shape {self.input_shape}; expected (C, H, W) or (H, W)")
-        self._items = _LazyItems(dataset)
-
-    def sample(self, split: Split, rng: np.random.Generator) -> Task:
-        """Draw one task from ``split`` using only ``rng``; ``Task.classes`` are the labels."""
-        pool = self.splits[check_split(split)]
-        if len(pool) < self.n_way:
-            raise DataError(
-                f"split {split!r} has {len(pool)} classes, fewer than n_way={self.n_way}; change "
-                "split_fractions / classes or lower n_way"
-            )
-        task = sample_task_ragged(self._items, self._rows, pool, self.n_way, self.k_shot, self.q_query, rng)
-        return Task(task.support_x, task.support_y, task.query_x, task.query_y,
-                    tuple(int(self.labels[c]) for c in task.classes))
+        items, ids = _LazyItems(dataset), self.labels.astype(np.int64)  # Task.classes: the labels
+        self.pools = {s: RaggedPool(items, ids[i], [rows[c] for c in i]) for s, i in self.splits.items()}
 
     def __repr__(self) -> str:
         sizes = {s: len(self.splits[s]) for s in SPLITS}

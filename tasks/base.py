@@ -9,16 +9,14 @@ ICML 2017).
 
 Anything with the attributes ``n_way``, ``k_shot``, ``q_query``, ``input_shape`` and a method
 ``sample(split, rng) -> Task`` is a sampler; :func:`check_sampler` validates one once, at
-construction time of whatever consumes it. :func:`sample_task` is the generic, vectorised
-N-way K-shot Q-query composition over an array of per-class examples that built-in samplers
-use and custom samplers may reuse.
+construction time of whatever consumes it. The composition of episodes that built-in samplers
+use and custom samplers may reuse is in :mod:`metanas.tasks.core`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable
 from typing import Literal, Protocol, get_args, runtime_checkable
 
 import numpy as np
@@ -27,34 +25,14 @@ from torch import Tensor
 
 from metanas.errors import ConfigError
 
-__all__ = [
-    "SPLITS",
-    "Split",
-    "Task",
-    "TaskSampler",
-    "check_sampler",
-    "check_split",
-    "draw_episode",
-    "sample_task",
-    "sample_task_ragged",
-]
+__all__ = ["SPLITS", "Split", "Task", "TaskSampler", "check_sampler", "check_split"]
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[str, ...] = get_args(Split)
 
 
 def check_split(split: object) -> Split:
-    """Return ``split`` unchanged if it names a split, else raise :class:`ConfigError`.
-
-    Args:
-        split: the value to check.
-
-    Returns:
-        ``split``, typed as :data:`Split`.
-
-    Raises:
-        ConfigError: if ``split`` is not one of :data:`SPLITS`.
-    """
+    """``split``, typed as :data:`Split`; :class:`ConfigError` if it is not one of :data:`SPLITS`."""
     if not isinstance(split, str) or split not in SPLITS:
         raise ConfigError(
             f"split={split!r} is not a task split; use one of {', '.join(map(repr, SPLITS))}"
@@ -220,195 +198,3 @@ def check_sampler(obj: object) -> TaskSampler:
             f"{type(obj).__name__} is not a TaskSampler: " + "; ".join(problems)
         )
     return obj  # type: ignore[return-value]
-
-
-def draw_episode(
-    n_classes: int,
-    n_examples: int,
-    n_way: int,
-    n_per_class: int,
-    rng: np.random.Generator,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Choose the classes and examples of one episode, without replacement.
-
-    Args:
-        n_classes: size of the class pool.
-        n_examples: examples available per class.
-        n_way: classes to draw (distinct, in random order: position = label).
-        n_per_class: examples to draw per class (distinct within a class).
-        rng: the only source of randomness.
-
-    Returns:
-        ``(class_pos, example_idx)``: int64 arrays of shape ``(n_way,)`` (positions in the
-        pool) and ``(n_way, n_per_class)`` (example indices per chosen class).
-
-    Raises:
-        ConfigError: if the pool has fewer than ``n_way`` classes or fewer than
-            ``n_per_class`` examples per class.
-    """
-    if not isinstance(rng, np.random.Generator):
-        raise ConfigError(
-            f"rng is a {type(rng).__name__}; pass a numpy.random.Generator, e.g. "
-            "numpy.random.default_rng(seed)"
-        )
-    if n_way > n_classes:
-        raise ConfigError(
-            f"n_way={n_way} but the class pool has only {n_classes} classes; lower n_way"
-        )
-    if n_per_class > n_examples:
-        raise ConfigError(
-            f"k_shot + q_query = {n_per_class} but each class has only {n_examples} examples; "
-            "lower k_shot or q_query"
-        )
-    class_pos = rng.choice(n_classes, size=n_way, replace=False)
-    example_idx = np.argsort(rng.random((n_way, n_examples)), axis=1)[:, :n_per_class]
-    return class_pos, example_idx
-
-
-def sample_task(
-    images: np.ndarray,
-    class_ids: np.ndarray,
-    n_way: int,
-    k_shot: int,
-    q_query: int,
-    rng: np.random.Generator,
-    transform: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
-    rows: np.ndarray | None = None,
-) -> Task:
-    """Compose one N-way K-shot Q-query task from an array of per-class examples.
-
-    ``n_way`` distinct classes are drawn from ``class_ids`` in random order (the order is the
-    labelling), then ``k_shot + q_query`` distinct examples of each; the first ``k_shot`` go to
-    the support set and the rest to the query set. Indexing is vectorised and the tensors are
-    built in numpy: about 0.1 ms for a 5-way 1-shot 15-query task of 28x28 images on one CPU
-    core, tensor creation included.
-
-    Args:
-        images: per-class examples, shape ``(n_rows, n_examples, H, W)`` or
-            ``(n_rows, n_examples, C, H, W)``; uint8 is scaled to [0, 1] by ``1/255``, any other
-            dtype is cast to float32 unchanged.
-        class_ids: int array ``(n_pool,)``, the classes to draw from (e.g. one split's). Unless
-            ``rows`` is given, each id is also its row in ``images``.
-        n_way: classes per task.
-        k_shot: support examples per class.
-        q_query: query examples per class.
-        rng: the only source of randomness.
-        transform: optional ``f(batch, classes) -> batch`` applied before the float
-            conversion to the drawn examples, ``batch`` of shape
-            ``(n_way, k_shot + q_query, *item_shape)`` and ``classes`` the chosen ids
-            ``(n_way,)``; it must keep the leading two axes (e.g. per-class rotation).
-        rows: optional int array ``(n_pool,)``: ``class_ids[i]`` draws its examples from
-            ``images[rows[i]]`` (several classes may share a row, e.g. rotated copies).
-
-    Returns:
-        The :class:`Task`, with ``classes[label]`` the global id of each label.
-
-    Raises:
-        ConfigError: if the pool or the examples per class are too few, or an item is neither
-            ``(H, W)`` nor ``(C, H, W)``.
-    """
-    if images.ndim not in (4, 5):
-        raise ConfigError(
-            f"images has shape {images.shape}; pass per-class examples of shape "
-            "(n_classes, n_examples, H, W) or (n_classes, n_examples, C, H, W)"
-        )
-    n_per_class = k_shot + q_query
-    class_pos, example_idx = draw_episode(
-        len(class_ids), images.shape[1], n_way, n_per_class, rng
-    )
-    chosen = np.asarray(class_ids)[class_pos]
-    row = chosen if rows is None else np.asarray(rows)[class_pos]
-    batch = images[row[:, None], example_idx]  # (n_way, k+q, *item)
-    if transform is not None:
-        batch = transform(batch, chosen)
-    if batch.ndim == 4:
-        batch = batch[:, :, None]  # (n_way, k+q, 1, H, W)
-    # Small numpy ops cost ~1 us each against ~10 us for torch ops on tiny tensors, so build
-    # everything in numpy and wrap it with torch.from_numpy (zero-copy) at the end.
-    if batch.dtype == np.uint8:
-        support = np.divide(batch[:, :k_shot], np.float32(255), dtype=np.float32)
-        query = np.divide(batch[:, k_shot:], np.float32(255), dtype=np.float32)
-    else:
-        support = np.array(batch[:, :k_shot], dtype=np.float32)
-        query = np.array(batch[:, k_shot:], dtype=np.float32)
-    return _make_task(support, query, chosen, n_way, k_shot, q_query)
-
-
-def _make_task(
-    support: np.ndarray, query: np.ndarray, chosen: np.ndarray, n_way: int, k_shot: int, q_query: int
-) -> Task:
-    """Wrap float32 arrays ``(n_way, k_shot, *item)`` / ``(n_way, q_query, *item)`` in a Task."""
-    item = support.shape[2:]
-    labels = np.arange(n_way, dtype=np.int64)
-    return Task(
-        support_x=torch.from_numpy(support.reshape(n_way * k_shot, *item)),
-        support_y=torch.from_numpy(labels.repeat(k_shot)),
-        query_x=torch.from_numpy(query.reshape(n_way * q_query, *item)),
-        query_y=torch.from_numpy(labels.repeat(q_query)),
-        classes=tuple(chosen.tolist()),
-    )
-
-
-def sample_task_ragged(
-    images: np.ndarray,
-    class_rows: dict[int, np.ndarray] | list[np.ndarray],
-    class_ids: np.ndarray,
-    n_way: int,
-    k_shot: int,
-    q_query: int,
-    rng: np.random.Generator,
-    scale: float | None = None,
-    mean: np.ndarray | None = None,
-    std: np.ndarray | None = None,
-) -> Task:
-    """Compose one N-way K-shot Q-query task when classes have different numbers of examples.
-
-    ``n_way`` distinct classes are drawn from ``class_ids`` in random order (the labelling),
-    then ``k_shot + q_query`` distinct examples of each; the first ``k_shot`` go to the support
-    set. The random draws are: one ``rng.choice`` of the classes, then one ``rng.permutation``
-    per chosen class, in label order.
-
-    Args:
-        images: all examples, ``(n_examples, C, H, W)`` (any dtype).
-        class_rows: ``class_rows[c]`` is the int array of rows of ``images`` of class ``c``.
-        class_ids: int array ``(n_pool,)``, the classes to draw from.
-        n_way, k_shot, q_query: the episode's shape.
-        rng: the only source of randomness.
-        scale: multiply the examples by this (e.g. ``1/255`` for uint8); None: keep values.
-        mean, std: optional per-channel ``(C,)`` normalisation applied after ``scale``.
-
-    Returns:
-        The :class:`Task`; ``classes[label]`` is the class id.
-
-    Raises:
-        ConfigError: fewer than ``n_way`` classes in the pool, or a chosen class with fewer
-            than ``k_shot + q_query`` examples.
-    """
-    class_ids = np.asarray(class_ids)
-    if n_way > len(class_ids):
-        raise ConfigError(
-            f"n_way={n_way} but the class pool has only {len(class_ids)} classes; lower n_way "
-            "or give this split more classes"
-        )
-    n_per_class = k_shot + q_query
-    chosen = class_ids[rng.choice(len(class_ids), size=n_way, replace=False)]
-    rows = []
-    for c in chosen.tolist():
-        pool = np.asarray(class_rows[c])
-        if len(pool) < n_per_class:
-            raise ConfigError(
-                f"class {c} has {len(pool)} examples but k_shot + q_query = {n_per_class}; "
-                "lower k_shot or q_query"
-            )
-        rows.append(pool[rng.permutation(len(pool))[:n_per_class]])
-    batch = np.asarray(images[np.stack(rows)], dtype=np.float32)  # (n_way, k+q, C, H, W)
-    if scale is not None:
-        batch *= np.float32(scale)
-    if mean is not None:
-        batch -= np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
-    if std is not None:
-        batch /= np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
-    return _make_task(
-        np.ascontiguousarray(batch[:, :k_shot]), np.ascontiguousarray(batch[:, k_shot:]),
-        chosen, n_way, k_shot, q_query,
-    )

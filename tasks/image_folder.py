@@ -16,7 +16,8 @@ with ``mean`` / ``std``.
 
 The decoded arrays are cached as ``.npz`` keyed by a hash of the file list, file sizes,
 modification times and the decoding settings, so a second run loads in milliseconds and any
-change to the folder invalidates the cache. Cache files are written atomically.
+change to the folder invalidates the cache (:func:`metanas.tasks.core.load_cached`: written
+atomically, rebuilt when unreadable or of the wrong shape or dtype).
 
 Classes are split into meta-train / meta-val / meta-test either by fractions of a seeded
 permutation of the sorted class names or by explicit lists of class names.
@@ -24,33 +25,24 @@ permutation of the sorted class names or by explicit lists of class names.
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import logging
 import os
-import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from metanas.errors import ConfigError, DataError
 
-from .base import SPLITS, Split, Task, check_split, sample_task_ragged
+from .core import PixelNorm, PoolSampler, RaggedPool, check_counts, check_int, load_cached, split_classes
+from .core import pixel_normalisation  # re-exported: metanas.adapt_cli imports it from here
 
 __all__ = [
-    "IMAGE_SUFFIXES",
-    "ImageFolderData",
-    "ImageFolderTasks",
-    "is_image_file",
-    "list_class_folders",
-    "load_image",
-    "load_image_folder",
-    "load_images",
-    "pixel_normalisation",
+    "IMAGE_SUFFIXES", "ImageFolderData", "ImageFolderTasks", "image_array", "is_image_file",
+    "list_class_folders", "load_image", "load_image_folder", "load_images", "pixel_normalisation",
     "split_classes",
 ]
 
@@ -113,12 +105,8 @@ def list_class_folders(root: str | os.PathLike, what: str = "image folder") -> l
     classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         loose = [p.name for p in root.iterdir() if is_image_file(p)]
-        hint = (
-            f" (it holds {len(loose)} loose images: put each class's images in a sub-folder "
-            "named after the class)"
-            if loose
-            else ""
-        )
+        hint = (f" (it holds {len(loose)} loose images: put each class's images in a sub-folder "
+                "named after the class)") if loose else ""
         raise DataError(
             f"{what} {root} has no class sub-folders{hint}; expected root/<class name>/<images>"
         )
@@ -161,6 +149,14 @@ def _convert(im: Image.Image, channels: int) -> Image.Image:
     return im.convert("L" if channels == 1 else "RGB")
 
 
+def image_array(im: Image.Image, image_size: int, channels: int) -> np.ndarray:
+    """A Pillow image of any mode as uint8 ``(channels, image_size, image_size)``, converted and
+    resized as the module docstring says."""
+    im = _convert(im, channels).resize((image_size, image_size), Image.Resampling.BILINEAR)
+    arr = np.asarray(im, dtype=np.uint8)
+    return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
 def load_image(path: str | os.PathLike, image_size: int, channels: int) -> np.ndarray:
     """Read one image as uint8 ``(channels, image_size, image_size)``.
 
@@ -170,28 +166,27 @@ def load_image(path: str | os.PathLike, image_size: int, channels: int) -> np.nd
     try:
         with Image.open(path) as im:
             im.load()  # decodes now: a truncated file raises here
-            im = _convert(im, channels)
-            im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
+            return image_array(im, image_size, channels)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(
             f"image {path} cannot be read ({type(exc).__name__}: {exc}); it is truncated, "
             "corrupt or not an image: replace or delete it"
         ) from exc
-    arr = np.asarray(im, dtype=np.uint8)
-    return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
-def load_images(files: Sequence[Path], image_size: int, channels: int) -> np.ndarray:
-    """Read images as uint8 ``(len(files), channels, image_size, image_size)``."""
-    out = np.empty((len(files), channels, image_size, image_size), dtype=np.uint8)
-    for i, f in enumerate(files):
-        out[i] = load_image(f, image_size, channels)
+def load_images(
+    items: Sequence[Any], image_size: int, channels: int, read: Callable[[Any, int, int], np.ndarray] = load_image
+) -> np.ndarray:
+    """``read(item, image_size, channels)`` of each item (default: image files) as uint8
+    ``(len(items), channels, image_size, image_size)``."""
+    out = np.empty((len(items), channels, image_size, image_size), dtype=np.uint8)
+    for i, item in enumerate(items):
+        out[i] = read(item, image_size, channels)
     return out
 
 
 def _check_settings(image_size: int, channels: int) -> None:
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ConfigError(f"image_size={image_size!r} must be a positive integer, e.g. 28 or 84")
+    check_int("image_size", image_size, 1, fix="set task.image_size to a positive integer, e.g. 28 or 84")
     if channels not in (1, 3):
         raise ConfigError(f"channels={channels!r}; use 1 (grey) or 3 (RGB)")
 
@@ -205,12 +200,8 @@ def _default_cache_dir(root: Path) -> Path:
 
 
 def load_image_folder(
-    root: str | os.PathLike,
-    image_size: int = 28,
-    channels: int = 1,
-    cache: bool = True,
-    cache_dir: str | os.PathLike | None = None,
-    what: str = "image folder",
+    root: str | os.PathLike, image_size: int = 28, channels: int = 1, cache: bool = True,
+    cache_dir: str | os.PathLike | None = None, what: str = "image folder",
 ) -> ImageFolderData:
     """Decode a class-folder dataset, using (and filling) the array cache.
 
@@ -237,115 +228,22 @@ def load_image_folder(
         for f in files:
             st = f.stat()
             entries.append((f.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
-    key = hashlib.sha256(
-        json.dumps([_CACHE_VERSION, image_size, channels, entries]).encode()
-    ).hexdigest()[:20]
-    cache_file = Path(cache_dir or _default_cache_dir(root)).expanduser() / f"images-{key}.npz"
-    class_names = tuple(name for name, _ in classes)
     files = tuple(e[0] for e in entries)
-    if cache and cache_file.is_file():
-        try:
-            with np.load(cache_file, allow_pickle=False) as z:
-                images, labels = z["images"], z["labels"]
-            if images.shape == (len(files), channels, image_size, image_size):
-                log.debug("image folder %s: cache hit %s", root, cache_file)
-                return ImageFolderData(images, labels, class_names, files)
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:  # a damaged cache is rebuilt, never trusted
-            log.warning("ignoring unreadable cache %s (%s)", cache_file, exc)
-    labels = np.concatenate(
-        [np.full(len(fs), i, dtype=np.int64) for i, (_, fs) in enumerate(classes)]
-    )
-    images = load_images([root / f for f in files], image_size, channels)
-    if cache:
-        buffer = io.BytesIO()
-        np.savez(buffer, images=images, labels=labels)
-        try:
-            from metanas.io import atomic_write_bytes
-
-            atomic_write_bytes(cache_file, buffer.getvalue())
-            log.info("image folder %s: %d images cached in %s", root, len(files), cache_file)
-        except OSError as exc:  # a read-only place: work without a cache
-            log.warning("cannot write the image cache %s (%s); set cache_dir", cache_file, exc)
-    return ImageFolderData(images, labels, class_names, files)
+    labels = np.concatenate([np.full(len(fs), i, dtype=np.int64) for i, (_, fs) in enumerate(classes)])
+    key = [_CACHE_VERSION, image_size, channels, entries]
+    layout = {"images": (np.dtype(np.uint8), (len(files), channels, image_size, image_size)),
+              "labels": (np.dtype(np.int64), (len(files),))}  # labels: derived, kept for the v1 format
+    folder = (cache_dir or _default_cache_dir(root)) if cache else None
+    arrays = load_cached(folder, "images", key, layout, lambda: {
+        "images": load_images([root / f for f in files], image_size, channels), "labels": labels})
+    return ImageFolderData(arrays["images"], labels, tuple(n for n, _ in classes), files)
 
 
-def split_classes(
-    class_names: Sequence[str],
-    fractions: Sequence[float] = (0.6, 0.2, 0.2),
-    seed: int = 0,
-    classes: Mapping[str, Sequence[str]] | None = None,
-) -> dict[str, np.ndarray]:
-    """Indices (into ``class_names``) of each split's classes.
-
-    Args:
-        class_names: all class names.
-        fractions: shares of (train, val, test); the classes of a seeded permutation are
-            assigned in that order (train and val rounded, test takes the rest).
-        seed: seed of the permutation.
-        classes: explicit ``{split: [class names]}`` instead of fractions; splits not named
-            get no classes.
-
-    Raises:
-        ConfigError: bad fractions, unknown split or class names, a class in two splits.
-    """
-    index = {name: i for i, name in enumerate(class_names)}
-    if classes is not None:
-        out, seen = {}, {}
-        for split, names in classes.items():
-            check_split(split)
-            unknown = [n for n in names if n not in index]
-            if unknown:
-                raise ConfigError(
-                    f"classes.{split} names {unknown[:5]}, which are not class folders "
-                    f"(there are {len(class_names)}: {list(class_names)[:5]}...); fix the names"
-                )
-            for n in names:
-                if n in seen and seen[n] != split:
-                    raise ConfigError(f"class {n!r} is in both {seen[n]} and {split}; splits must be disjoint")
-                seen[n] = split
-            out[split] = np.array([index[n] for n in names], dtype=np.int64)
-        return {s: out.get(s, np.zeros(0, dtype=np.int64)) for s in SPLITS}
-    fr = [float(f) for f in fractions]
-    if len(fr) != 3 or any(f < 0 for f in fr) or not np.isclose(sum(fr), 1.0):
-        raise ConfigError(
-            f"split_fractions={list(fractions)} must be three non-negative shares of "
-            "(train, val, test) summing to 1, e.g. [0.6, 0.2, 0.2] or [0, 0, 1]"
-        )
-    n = len(class_names)
-    perm = np.random.default_rng(seed).permutation(n)
-    n_train = round(fr[0] * n)
-    n_val = min(round(fr[1] * n), n - n_train)
-    return {
-        "train": np.sort(perm[:n_train]),
-        "val": np.sort(perm[n_train : n_train + n_val]),
-        "test": np.sort(perm[n_train + n_val :]),
-    }
-
-
-def pixel_normalisation(
-    channels: int,
-    invert: bool = False,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-channel ``(scale, shift, std)``, float32 ``(C,)`` each, of the pixel normalisation.
-
-    A pixel ``x`` in [0, 1] becomes ``(x * scale - shift) / std``: ``x`` (or ``1 - x`` with
-    ``invert``) minus ``mean``, divided by ``std`` (defaults 0 and 1).
-    """
-    m = np.zeros(channels, np.float32) if mean is None else np.asarray(list(mean), np.float32)
-    sd = np.ones(channels, np.float32) if std is None else np.asarray(list(std), np.float32)
-    if m.shape != (channels,) or sd.shape != (channels,):
-        raise ConfigError(f"mean and std need {channels} value(s), one per channel")
-    if np.any(sd <= 0):
-        raise ConfigError(f"std={sd.tolist()} must be positive")
-    if invert:  # 1 - x - mean = x * (-1) - (mean - 1)
-        return np.full(channels, -1.0, np.float32), m - 1.0, sd
-    return np.ones(channels, np.float32), m, sd
-
-
-class ImageFolderTasks:
+class ImageFolderTasks(PoolSampler):
     """N-way K-shot tasks from a folder of class sub-folders (see the module docstring).
+
+    Tasks are float32, ``support_x`` ``(n_way * k_shot, C, S, S)`` and ``query_x``
+    ``(n_way * q_query, C, S, S)``, normalised by :attr:`pixels`.
 
     Args:
         root: the dataset folder.
@@ -367,41 +265,30 @@ class ImageFolderTasks:
     """
 
     def __init__(
-        self,
-        root: str | os.PathLike,
-        n_way: int = 5,
-        k_shot: int = 1,
-        q_query: int = 15,
-        image_size: int = 28,
-        channels: int = 1,
-        split_fractions: Sequence[float] = (0.6, 0.2, 0.2),
-        split_seed: int = 0,
-        classes: Mapping[str, Sequence[str]] | None = None,
-        invert: bool = False,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
-        cache: bool = True,
+        self, root: str | os.PathLike, n_way: int = 5, k_shot: int = 1, q_query: int = 15,
+        image_size: int = 28, channels: int = 1, split_fractions: Sequence[float] = (0.6, 0.2, 0.2),
+        split_seed: int = 0, classes: Mapping[str, Sequence[str]] | None = None, invert: bool = False,
+        mean: Sequence[float] | None = None, std: Sequence[float] | None = None, cache: bool = True,
         cache_dir: str | os.PathLike | None = None,
     ) -> None:
         if root in (None, "", "???"):
             raise DataError("no image folder given; set task.root=<folder of class sub-folders>")
-        for name, value, lowest in (("n_way", n_way, 2), ("k_shot", k_shot, 1), ("q_query", q_query, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
-                raise ConfigError(f"{name}={value!r} must be an int >= {lowest}")
-        self.n_way, self.k_shot, self.q_query = n_way, k_shot, q_query
+        self.n_way, self.k_shot, self.q_query = check_counts(n_way, k_shot, q_query)
         self.root = Path(root).expanduser()
+        self.where = f"image folder {self.root}: "
         self.data = load_image_folder(self.root, image_size, channels, cache, cache_dir)
         self.input_shape = (channels, image_size, image_size)
         self.class_names = self.data.class_names
         self.invert = bool(invert)
         self.mean = None if mean is None else [float(v) for v in mean]
         self.std = None if std is None else [float(v) for v in std]
-        pixel_normalisation(channels, self.invert, self.mean, self.std)  # validates them
+        #: uint8 images -> float32, exactly as the sampler's tasks see them
+        self.pixels = PixelNorm.from_settings(channels, self.invert, self.mean, self.std)
         self.splits = split_classes(self.class_names, split_fractions, split_seed, classes)
-        self._rows = self.data.rows_of()
-        counts = self.data.counts()
-        need = k_shot + q_query
-        small = [(self.class_names[i], int(counts[i])) for i in range(len(counts)) if counts[i] < need]
+        rows = self.data.rows_of()
+        self.pools = {s: RaggedPool(self.data.images, i, [rows[c] for c in i]) for s, i in self.splits.items()}
+        need = self.k_shot + self.q_query
+        small = [(n, len(r)) for n, r in zip(self.class_names, rows) if len(r) < need]
         if small:
             listed = ", ".join(f"{n!r} ({c})" for n, c in small[:8])
             raise DataError(
@@ -409,38 +296,13 @@ class ImageFolderTasks:
                 f"k_shot + q_query = {need}: {listed}{' ...' if len(small) > 8 else ''}; add "
                 "images, lower k_shot / q_query, or remove those class folders"
             )
-        if all(len(v) < n_way for v in self.splits.values()):
+        if all(len(v) < self.n_way for v in self.splits.values()):
             sizes = {s: len(v) for s, v in self.splits.items()}
             raise DataError(
                 f"image folder {self.root} has {len(self.class_names)} classes, split {sizes}: "
-                f"no split has n_way={n_way} classes; add classes, lower n_way or change "
+                f"no split has n_way={self.n_way} classes; add classes, lower n_way or change "
                 "split_fractions (e.g. [0, 0, 1] for a test-only dataset)"
             )
-
-    def _affine(self) -> tuple[float, np.ndarray, np.ndarray]:
-        """(scale, shift, std) with ``x_out = (x * scale - shift) / std`` on uint8 ``x``."""
-        scale, shift, std = pixel_normalisation(self.input_shape[0], self.invert, self.mean, self.std)
-        return float(scale[0]) / 255.0, shift, std
-
-    def transform(self, images: np.ndarray) -> np.ndarray:
-        """uint8 ``(..., C, S, S)`` -> float32, exactly as the sampler's tasks see them."""
-        scale, shift, std = self._affine()
-        x = images.astype(np.float32) * np.float32(scale)
-        return (x - shift.reshape(-1, 1, 1)) / std.reshape(-1, 1, 1)
-
-    def sample(self, split: Split, rng: np.random.Generator) -> Task:
-        """Draw one task from ``split`` using only ``rng``."""
-        pool = self.splits[check_split(split)]
-        if len(pool) < self.n_way:
-            raise DataError(
-                f"image folder {self.root}: split {split!r} has {len(pool)} classes, fewer than "
-                f"n_way={self.n_way}; change split_fractions / classes or lower n_way"
-            )
-        scale, shift, std = self._affine()
-        return sample_task_ragged(
-            self.data.images, self._rows, pool, self.n_way, self.k_shot, self.q_query, rng,
-            scale=scale, mean=shift, std=std,
-        )
 
     def __repr__(self) -> str:
         sizes = {s: len(v) for s, v in self.splits.items()}

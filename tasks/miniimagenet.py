@@ -16,7 +16,8 @@ meta-test. Two formats are common and both are read from ``root``:
 
 Pixels become float32 ``x / 255`` in [0, 1], optionally normalised per channel with ``mean``
 and ``std``. Splits are decoded on first use and, for the CSV format, cached as ``.npz``
-(:func:`metanas.tasks.image_folder` conventions: keyed by file sizes and times, atomic writes).
+(:func:`metanas.tasks.core.load_cached`, as for image folders: keyed by file sizes and times,
+written atomically, rebuilt when unreadable or of the wrong shape or dtype).
 
 Download (pickle format, about 1.1 GB)::
 
@@ -28,8 +29,6 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import io
-import json
 import logging
 import os
 import pickle
@@ -38,24 +37,20 @@ import tempfile
 import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 from PIL import Image
 
 from metanas.errors import ConfigError, DataError
 
-from .base import SPLITS, Split, Task, check_split, sample_task_ragged
-from .image_folder import load_image
+from .base import SPLITS, Split, check_split
+from .core import PixelNorm, PoolSampler, RaggedPool, check_counts, check_int, load_cached
+from .image_folder import image_array, load_images
 
 __all__ = [
-    "DEFAULT_URLS",
-    "MiniImageNetTasks",
-    "detect_format",
-    "download",
-    "download_miniimagenet",
-    "read_split_csv",
-    "safe_load_pickle",
+    "DEFAULT_URLS", "MiniImageNetTasks", "detect_format", "download", "download_miniimagenet",
+    "read_split_csv", "safe_load_pickle",
 ]
 
 log = logging.getLogger(__name__)
@@ -158,26 +153,17 @@ def read_split_csv(path: Path) -> tuple[list[str], list[str]]:
 
 def _resize_hwc(images: np.ndarray, image_size: int, channels: int) -> np.ndarray:
     """uint8 ``(N, H, W, 3)`` -> uint8 ``(N, channels, S, S)``."""
-    n, h, w, _ = images.shape
-    if h == w == image_size and channels == 3:
+    if images.shape[1] == images.shape[2] == image_size and channels == 3:
         return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
-    out = np.empty((n, channels, image_size, image_size), dtype=np.uint8)
-    for i in range(n):
-        im = Image.fromarray(images[i])
-        if channels == 1:
-            im = im.convert("L")
-        if im.size != (image_size, image_size):
-            im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
-        arr = np.asarray(im)
-        out[i] = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    return out
+    return load_images(images, image_size, channels, lambda a, s, c: image_array(Image.fromarray(a), s, c))
 
 
-class _Split:
+class _Split(NamedTuple):
     """One split's decoded examples: flat images, per-class rows and class names."""
 
-    def __init__(self, images: np.ndarray, rows: list[np.ndarray], names: list[str]) -> None:
-        self.images, self.rows, self.names = images, rows, names
+    images: np.ndarray
+    rows: list[np.ndarray]
+    names: list[str]
 
 
 def _load_pickle_split(path: Path, image_size: int, channels: int) -> _Split:
@@ -216,29 +202,19 @@ def _load_csv_split(root: Path, split: str, image_size: int, channels: int, cach
     lab = np.array([index[s] for s in labels], dtype=np.int64)
     rows = [np.flatnonzero(lab == i) for i in range(len(names))]
     stats = [(f, p.stat().st_size, p.stat().st_mtime_ns) for f, p in zip(files, paths)]
-    key = hashlib.sha256(json.dumps([_CACHE_VERSION, split, image_size, channels, stats]).encode()).hexdigest()[:20]
-    cache_file = root / ".metanas_cache" / f"{split}-{key}.npz"
-    if cache and cache_file.is_file():
-        with np.load(cache_file) as z:
-            return _Split(z["images"], rows, names)
-    images = np.empty((len(paths), channels, image_size, image_size), dtype=np.uint8)
-    for i, p in enumerate(paths):
-        images[i] = load_image(p, image_size, channels)
-    if cache:
-        from metanas.io import atomic_write_bytes
-
-        buf = io.BytesIO()
-        np.savez(buf, images=images)
-        try:
-            atomic_write_bytes(cache_file, buf.getvalue())
-        except OSError as exc:
-            log.warning("cannot write the cache %s (%s)", cache_file, exc)
-    return _Split(images, rows, names)
+    key = [_CACHE_VERSION, split, image_size, channels, stats]
+    layout = {"images": (np.dtype(np.uint8), (len(paths), channels, image_size, image_size))}
+    arrays = load_cached(root / ".metanas_cache" if cache else None, split, key, layout,
+                         lambda: {"images": load_images(paths, image_size, channels)})
+    return _Split(arrays["images"], rows, names)
 
 
 # ---------------------------------------------------------------------------------- sampler
-class MiniImageNetTasks:
+class MiniImageNetTasks(PoolSampler):
     """N-way K-shot tasks from miniImageNet (see the module docstring for the formats).
+
+    Tasks are float32, ``support_x`` ``(n_way * k_shot, C, S, S)`` and ``query_x``
+    ``(n_way * q_query, C, S, S)``, normalised by :attr:`pixels`.
 
     Args:
         root: the dataset folder.
@@ -255,23 +231,14 @@ class MiniImageNetTasks:
     """
 
     def __init__(
-        self,
-        root: str | os.PathLike | None = None,
-        n_way: int = 5,
-        k_shot: int = 1,
-        q_query: int = 15,
-        image_size: int = 84,
-        channels: int = 3,
-        format: str = "auto",
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
-        cache: bool = True,
+        self, root: str | os.PathLike | None = None, n_way: int = 5, k_shot: int = 1, q_query: int = 15,
+        image_size: int = 84, channels: int = 3, format: str = "auto", mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None, cache: bool = True,
     ) -> None:
         if root in (None, ""):
             raise ConfigError("task.root is not set; pass the miniImageNet folder")
-        for name, value, lowest in (("n_way", n_way, 2), ("k_shot", k_shot, 1), ("q_query", q_query, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
-                raise ConfigError(f"{name}={value!r} must be an int >= {lowest}")
+        self.n_way, self.k_shot, self.q_query = check_counts(n_way, k_shot, q_query)
+        check_int("image_size", image_size, 1, fix="set task.image_size, e.g. 84")
         if channels not in (1, 3):
             raise ConfigError(f"channels={channels!r}; use 3 (RGB) or 1 (grey)")
         if format not in ("auto", "pickle", "csv"):
@@ -291,14 +258,12 @@ class MiniImageNetTasks:
                     f"miniImageNet in {self.root} lacks its {split} split ({self.format} format); "
                     + _DOWNLOAD_HINT.format(root=self.root)
                 )
-        self.n_way, self.k_shot, self.q_query = n_way, k_shot, q_query
         self.image_size, self.channels, self.cache = image_size, channels, cache
         self.input_shape = (channels, image_size, image_size)
         self.mean = None if mean is None else np.asarray(list(mean), dtype=np.float32)
         self.std = None if std is None else np.asarray(list(std), dtype=np.float32)
-        for name, v in (("mean", self.mean), ("std", self.std)):
-            if v is not None and v.shape != (channels,):
-                raise ConfigError(f"{name} needs {channels} value(s), one per channel")
+        #: uint8 images -> float32, exactly as the sampler's tasks see them
+        self.pixels = PixelNorm.from_settings(channels, False, mean, std)
         self._splits: dict[str, _Split] = {}
 
     def split_data(self, split: Split) -> _Split:
@@ -329,13 +294,10 @@ class MiniImageNetTasks:
         """The class labels (WordNet ids) of a split, indexed by ``Task.classes``."""
         return self.split_data(split).names
 
-    def sample(self, split: Split, rng: np.random.Generator) -> Task:
-        """Draw one task from ``split`` using only ``rng``."""
+    def pool(self, split: Split) -> RaggedPool:
+        """The classes of ``split``, decoded on first use; ``Task.classes`` index :meth:`class_names`."""
         data = self.split_data(split)
-        return sample_task_ragged(
-            data.images, data.rows, np.arange(len(data.names)), self.n_way, self.k_shot,
-            self.q_query, rng, scale=1.0 / 255.0, mean=self.mean, std=self.std,
-        )
+        return RaggedPool(data.images, np.arange(len(data.names)), data.rows)
 
     def __repr__(self) -> str:
         return f"MiniImageNetTasks({str(self.root)!r}, {self.format}, {self.n_way}-way {self.k_shot}-shot)"

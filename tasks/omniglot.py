@@ -27,11 +27,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import operator
 import os
 import time
-import zipfile
-import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
@@ -43,7 +40,10 @@ from PIL import Image
 
 from metanas.errors import ConfigError, DataError
 
-from .base import SPLITS, Split, Task, check_split, sample_task
+from .base import SPLITS, Split, check_split
+from .core import (
+    UNIT_PIXELS, DensePool, Layout, PoolSampler, Rotations, check_counts, check_int, permuted_split, read_npz,
+)
 
 __all__ = ["DIGESTS", "OmniglotData", "OmniglotTasks", "load_omniglot", "resize_packed"]
 
@@ -55,7 +55,6 @@ N_BACKGROUND = 964
 N_EVALUATION = 659
 FULL_SIZE = 105
 VINYALS_TRAIN_CHARACTERS = 1200
-ALL_ROTATIONS = (0, 90, 180, 270)
 
 #: sha256 of the raw C-order bytes of the image arrays (data/omniglot/README.md).
 DIGESTS = {
@@ -63,8 +62,7 @@ DIGESTS = {
     "images_28": "064c72a352f9e549c13af971be4d08e06ad22a438a17d630f7131a03ee0665c2",
 }
 
-# key -> (dtype, or a dtype kind letter for strings; shape)
-_EXPECTED: dict[str, tuple[np.dtype | str, tuple[int, ...]]] = {
+_EXPECTED: Layout = {
     "images_packed": (np.dtype(np.uint8), (N_CHARACTERS, N_DRAWINGS, 1379)),
     "images_28": (np.dtype(np.uint8), (N_CHARACTERS, N_DRAWINGS, 28, 28)),
     "char_alphabet": (np.dtype(np.int16), (N_CHARACTERS,)),
@@ -145,38 +143,6 @@ def resize_packed(packed: np.ndarray, size: int, chunk: int = 1000) -> np.ndarra
     return out.reshape(*lead, size, size)
 
 
-def _read_header(zf: zipfile.ZipFile, key: str) -> tuple[tuple[int, ...], np.dtype]:
-    with zf.open(f"{key}.npy") as fh:
-        version = np.lib.format.read_magic(fh)
-        if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
-        else:
-            shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
-    return shape, dtype
-
-
-def _read_array(zf: zipfile.ZipFile, key: str) -> np.ndarray:
-    with zf.open(f"{key}.npy") as fh:
-        return np.lib.format.read_array(fh, allow_pickle=False)
-
-
-def _check_layout(zf: zipfile.ZipFile, path: Path) -> None:
-    names = set(zf.namelist())
-    missing = [k for k in _EXPECTED if f"{k}.npy" not in names]
-    if missing:
-        raise DataError(
-            f"{path} lacks the arrays {missing}; it is not metanas' omniglot.npz; {_FIX}"
-        )
-    for key, (want_dtype, want_shape) in _EXPECTED.items():
-        shape, dtype = _read_header(zf, key)
-        dtype_ok = dtype.kind == want_dtype if isinstance(want_dtype, str) else dtype == want_dtype
-        if tuple(shape) != want_shape or not dtype_ok:
-            raise DataError(
-                f"{path}: array {key!r} is {dtype} {tuple(shape)}, expected {want_dtype} "
-                f"{want_shape}; the file is corrupt or not metanas' omniglot.npz; {_FIX}"
-            )
-
-
 def load_omniglot(
     path: str | os.PathLike[str] | None = None, image_size: int = 28, verify: bool = True
 ) -> OmniglotData:
@@ -211,18 +177,8 @@ def _load_file(path: Path, image_size: int, verify: bool) -> OmniglotData:
         raise DataError(f"Omniglot data file {path} does not exist; {_FIX}")
     key = "images_28" if image_size == 28 else "images_packed"
     t0 = time.perf_counter()
-    try:
-        with zipfile.ZipFile(path) as zf:
-            _check_layout(zf, path)
-            raw = _read_array(zf, key)
-            meta = {k: _read_array(zf, k) for k in _METADATA}
-    except DataError:
-        raise
-    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError, KeyError) as exc:
-        raise DataError(
-            f"cannot read Omniglot data file {path} ({type(exc).__name__}: {exc}); it is "
-            f"truncated or corrupt; {_FIX}"
-        ) from exc
+    arrays = read_npz(path, _EXPECTED, (key, *_METADATA), fix=_FIX)
+    raw, meta = arrays.pop(key), arrays
     t_load = time.perf_counter() - t0
     if verify:
         digest = hashlib.sha256(np.ascontiguousarray(raw).data).hexdigest()
@@ -249,50 +205,14 @@ def _load_file(path: Path, image_size: int, verify: bool) -> OmniglotData:
     return OmniglotData(images=images, **meta)
 
 
-def _as_int(name: str, value: object, fix: str) -> int:
-    if isinstance(value, bool):
-        raise ConfigError(f"{name}={value!r} must be an integer; {fix}")
-    try:
-        return operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise ConfigError(f"{name}={value!r} must be an integer; {fix}") from None
-
-
-def _parse_rotations(rotations: Iterable[int] | None, split: str) -> tuple[int, ...]:
-    fix = (
-        f"set task.rotations to a list of angles from {ALL_ROTATIONS} (degrees "
-        "counter-clockwise), or null for the protocol's default"
-    )
-    if rotations is None:
-        return ALL_ROTATIONS if split == "vinyals" else (0,)
-    if isinstance(rotations, (str, bytes)) or not isinstance(rotations, Iterable):
-        raise ConfigError(f"rotations={rotations!r} is not a list of angles; {fix}")
-    given = list(rotations)
-    parsed: list[int] = []
-    for r in given:
-        angle = _as_int("rotation", r, fix)
-        if angle not in ALL_ROTATIONS:
-            raise ConfigError(f"rotation {r!r} is not supported; {fix}")
-        if angle in parsed:
-            raise ConfigError(
-                f"rotation {angle} is listed twice in rotations={given}; list each angle once "
-                "in task.rotations"
-            )
-        parsed.append(angle)
-    if not parsed:
-        raise ConfigError(
-            "rotations=[] is empty; use task.rotations=[0] for no rotation, or null for the "
-            "default"
-        )
-    return tuple(parsed)
-
-
-class OmniglotTasks:
+class OmniglotTasks(PoolSampler):
     """N-way K-shot Q-query Omniglot tasks (implements :class:`~metanas.tasks.TaskSampler`).
 
     The npz is read once per instance; images stay uint8 ``(1623, 20, S, S)`` in memory
     (25 MB at S=28) and only the drawn examples are rotated and converted to float per task
-    (about 0.1 ms for 5-way 1-shot 15-query at S=28, 0.2 ms with rotations, on one CPU core).
+    (about 0.1 ms for 5-way 1-shot 15-query at S=28, 0.2 ms with rotations, on one CPU core):
+    ``support_x`` ``(n_way*k_shot, 1, S, S)`` and ``query_x`` ``(n_way*q_query, 1, S, S)``,
+    float32, ink = 1.
     Construction costs about 0.2 s at ``image_size=28`` (of which the sha256 check is ~20 ms)
     and about 2.6 s at 32 (6 s at 84; up to twice that on a busy machine): any size but 28
     resizes all 32,460 105x105 originals once, since both protocols use every character.
@@ -322,16 +242,9 @@ class OmniglotTasks:
     """
 
     def __init__(
-        self,
-        n_way: int = 5,
-        k_shot: int = 1,
-        q_query: int = 15,
-        image_size: int = 28,
-        split: str = "standard",
-        n_val_classes: int = 100,
-        split_seed: int = 0,
-        rotations: Iterable[int] | None = None,
-        path: str | os.PathLike[str] | None = None,
+        self, n_way: int = 5, k_shot: int = 1, q_query: int = 15, image_size: int = 28,
+        split: str = "standard", n_val_classes: int = 100, split_seed: int = 0,
+        rotations: Iterable[int] | None = None, path: str | os.PathLike[str] | None = None,
         verify: bool = True,
     ) -> None:
         if split not in ("standard", "vinyals"):
@@ -339,22 +252,17 @@ class OmniglotTasks:
                 f"task.split={split!r} is not an Omniglot protocol; use 'standard' "
                 "(background/evaluation alphabets) or 'vinyals' (1200/423 characters, rotations)"
             )
-        self.n_way = _as_int("n_way", n_way, "set task.n_way to an integer >= 2")
-        self.k_shot = _as_int("k_shot", k_shot, "set task.k_shot to an integer >= 1")
-        self.q_query = _as_int("q_query", q_query, "set task.q_query to an integer >= 1")
-        self.image_size = _as_int("image_size", image_size, "set task.image_size, e.g. 28")
-        n_val = _as_int("n_val_classes", n_val_classes, "set task.n_val_classes, e.g. 100")
-        self.split_seed = _as_int("split_seed", split_seed, "set task.split_seed, e.g. 0")
+        self.n_way, self.k_shot, self.q_query = check_counts(n_way, k_shot, q_query)
+        self.image_size = check_int("image_size", image_size, fix="set task.image_size, e.g. 28")
+        n_val = check_int("n_val_classes", n_val_classes, fix="set task.n_val_classes, e.g. 100")
+        self.split_seed = check_int("split_seed", split_seed, fix="set task.split_seed, e.g. 0")
         self.split = split
-        self.rotations = _parse_rotations(rotations, split)
+        if rotations is None:
+            rotations = Rotations.ALL if split == "vinyals" else (0,)
+        self._rotate = Rotations.parse(rotations, N_CHARACTERS)
+        self.rotations = self._rotate.angles
         self.n_val_classes = n_val
 
-        if self.n_way < 2:
-            raise ConfigError(f"n_way={self.n_way} is below 2; set task.n_way >= 2")
-        if self.k_shot < 1:
-            raise ConfigError(f"k_shot={self.k_shot} is below 1; set task.k_shot >= 1")
-        if self.q_query < 1:
-            raise ConfigError(f"q_query={self.q_query} is below 1; set task.q_query >= 1")
         if self.k_shot + self.q_query > N_DRAWINGS:
             raise ConfigError(
                 f"k_shot + q_query = {self.k_shot} + {self.q_query} = "
@@ -394,39 +302,31 @@ class OmniglotTasks:
         self._char_alphabet = data.char_alphabet
         self._char_number = data.char_number
         chars = self._split_characters(data.char_split)
-        self._pools: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        quarter_turns = np.array([r // 90 for r in self.rotations], dtype=np.int64)
-        for name in SPLITS:
-            c = chars[name]
-            ids = (c[None, :] + N_CHARACTERS * quarter_turns[:, None]).reshape(-1)
-            rows = np.tile(c, len(quarter_turns))
-            self._pools[name] = (ids, rows)
-        self._rotated = self.rotations != (0,)
+        self.pools = {s: DensePool(self._images, *self._rotate.expand(chars[s], chars[s])) for s in SPLITS}
+        self.transforms, self.pixels = ((self._rotate,) if self.rotations != (0,) else ()), UNIT_PIXELS
         log.info(
             "Omniglot %s split: %d/%d/%d train/val/test classes, rotations %s, %dx%d",
             split, *sizes.values(), self.rotations, self.image_size, self.image_size,
         )
 
     def _split_characters(self, char_split: np.ndarray) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng(self.split_seed)
-        n_val = self.n_val_classes
+        """Sorted characters of each split (see the module docstring)."""
+        n_val, seed = self.n_val_classes, self.split_seed
         if self.split == "standard":
-            perm = rng.permutation(np.flatnonzero(char_split == 0))
-            val, train = perm[:n_val], perm[n_val:]
-            test = np.flatnonzero(char_split == 1)
-        else:
-            perm = rng.permutation(N_CHARACTERS)
-            cut = VINYALS_TRAIN_CHARACTERS
-            train, val, test = perm[: cut - n_val], perm[cut - n_val : cut], perm[cut:]
-        return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+            sizes = {"val": n_val, "train": N_BACKGROUND - n_val}
+            chars = permuted_split(np.flatnonzero(char_split == 0), sizes, seed)
+            return {**chars, "test": np.flatnonzero(char_split == 1)}
+        cut = VINYALS_TRAIN_CHARACTERS
+        sizes = {"train": cut - n_val, "val": n_val, "test": N_CHARACTERS - cut}
+        return permuted_split(np.arange(N_CHARACTERS), sizes, seed)
 
     def n_classes(self, split: Split) -> int:
         """Number of classes ((character, rotation) pairs) in ``split``."""
-        return len(self._pools[check_split(split)][0])
+        return len(self.pools[check_split(split)].ids)
 
     def class_ids(self, split: Split) -> np.ndarray:
         """Global class ids of ``split``, int64 ``(n_classes,)``: char + 1623 * (angle // 90)."""
-        return self._pools[check_split(split)][0].copy()
+        return self.pools[check_split(split)].ids.copy()
 
     def class_name(self, class_id: int) -> str:
         """Human-readable name of a global class id, e.g. ``'Hebrew/character05@90'``."""
@@ -434,33 +334,6 @@ class OmniglotTasks:
         name = self._alphabet_names[self._char_alphabet[char]]
         angle = f"@{90 * turns}" if turns else ""
         return f"{name}/character{int(self._char_number[char]):02d}{angle}"
-
-    def _rotate(self, batch: np.ndarray, classes: np.ndarray) -> np.ndarray:
-        """Rotate each class's drawings, batch ``(n_way, k+q, S, S)`` (a fresh copy) in place."""
-        for i, turns in enumerate((classes // N_CHARACTERS).tolist()):
-            if turns:
-                batch[i] = np.rot90(batch[i], turns, axes=(-2, -1))
-        return batch
-
-    def sample(self, split: Split, rng: np.random.Generator) -> Task:
-        """Draw one task from ``split``.
-
-        Args:
-            split: ``"train"``, ``"val"`` or ``"test"``.
-            rng: the only source of randomness.
-
-        Returns:
-            A :class:`Task` with ``support_x`` ``(n_way*k_shot, 1, S, S)`` and ``query_x``
-            ``(n_way*q_query, 1, S, S)``, float32, ink = 1.
-
-        Raises:
-            ConfigError: for an unknown split or an rng that is not a numpy Generator.
-        """
-        ids, rows = self._pools[check_split(split)]
-        return sample_task(
-            self._images, ids, self.n_way, self.k_shot, self.q_query, rng,
-            transform=self._rotate if self._rotated else None, rows=rows,
-        )
 
     def __repr__(self) -> str:
         return (

@@ -91,6 +91,33 @@ def test_cache_is_used_and_invalidated(shapes, tmp_path, monkeypatch):
     assert np.array_equal(load_image_folder(root, 16, 1).images, changed.images)
 
 
+_LABELS = np.repeat(np.arange(2), 3)
+
+
+@pytest.mark.parametrize("damage", [
+    lambda f: f.write_bytes(f.read_bytes()[: f.stat().st_size // 2]),
+    lambda f: np.savez(f, images=np.zeros((6, 1, 16, 15), np.uint8), labels=_LABELS),
+    lambda f: np.savez(f, images=np.zeros((5, 1, 16, 16), np.uint8), labels=_LABELS),
+    lambda f: np.savez(f, images=np.zeros((6, 1, 16, 16), np.float32), labels=_LABELS),
+    lambda f: np.savez(f, pixels=np.zeros((6, 1, 16, 16), np.uint8), labels=_LABELS),
+], ids=["truncated", "shape", "rows", "dtype", "key"])
+def test_damaged_cache_is_rebuilt(tmp_path, monkeypatch, damage):
+    root = tmp_path / "copy"
+    make_shapes_folder(root, n_classes=2, n_images=3, seed=0, mixed_formats=False)
+    first = load_image_folder(root, 16, 1)
+    (cache,) = (root / ".metanas_cache").glob("images-*.npz")
+    damage(cache)
+    calls = []
+    real = image_folder.load_images
+    monkeypatch.setattr(image_folder, "load_images", lambda *a: calls.append(1) or real(*a))
+    again = load_image_folder(root, 16, 1)
+    assert calls == [1] and again.images.dtype == np.uint8 and np.array_equal(again.images, first.images)
+    with np.load(cache) as z:  # rewritten whole, and used from then on
+        assert np.array_equal(z["images"], first.images) and np.array_equal(z["labels"], _LABELS)
+    load_image_folder(root, 16, 1)
+    assert calls == [1]
+
+
 def test_split_by_seed_and_by_names():
     names = [f"c{i}" for i in range(10)]
     s = split_classes(names, (0.6, 0.2, 0.2), seed=1)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
-from metanas.tasks import MiniImageNetTasks, check_sampler
+from metanas.tasks import MiniImageNetTasks, check_sampler, miniimagenet
 from metanas.tasks.miniimagenet import (
     download,
     download_miniimagenet,
@@ -81,6 +81,26 @@ def test_csv_format_and_cache(tmp_path):
     assert list((tmp_path / ".metanas_cache").glob("val-*.npz"))
     again = MiniImageNetTasks(tmp_path, n_way=2, k_shot=2, q_query=2, image_size=SIZE)
     assert torch.equal(again.sample("val", np.random.default_rng(1)).support_x, a.support_x)
+
+
+@pytest.mark.parametrize("damage", [
+    lambda f: f.write_bytes(f.read_bytes()[:200]),
+    lambda f: np.savez(f, images=np.zeros((8, 3, SIZE, SIZE - 1), np.uint8)),
+    lambda f: np.savez(f, images=np.zeros((8, 3, SIZE, SIZE), np.int16)),
+], ids=["truncated", "shape", "dtype"])
+def test_damaged_csv_cache_is_rebuilt(tmp_path, monkeypatch, damage):
+    _write_csv(tmp_path)
+    a = MiniImageNetTasks(tmp_path, n_way=2, k_shot=2, q_query=2, image_size=SIZE).sample("val", np.random.default_rng(1))
+    (cache,) = (tmp_path / ".metanas_cache").glob("val-*.npz")
+    damage(cache)
+    calls = []
+    real = miniimagenet.load_images
+    monkeypatch.setattr(miniimagenet, "load_images", lambda *a: calls.append(1) or real(*a))
+    tasks = MiniImageNetTasks(tmp_path, n_way=2, k_shot=2, q_query=2, image_size=SIZE)
+    b = tasks.sample("val", np.random.default_rng(1))
+    assert calls == [1] and torch.equal(a.support_x, b.support_x) and torch.equal(a.query_x, b.query_x)
+    with np.load(cache) as z:  # rewritten whole
+        assert z["images"].shape == (8, 3, SIZE, SIZE) and z["images"].dtype == np.uint8
 
 
 def test_absent_or_incomplete_data_says_how_to_download(tmp_path):

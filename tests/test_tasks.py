@@ -1,4 +1,4 @@
-"""Tests of the task-sampler layer (metanas.tasks): Task, TaskSampler, sample_task, Omniglot."""
+"""Tests of the task-sampler layer (metanas.tasks): Task, TaskSampler, sample_task, Omniglot, the core."""
 
 from __future__ import annotations
 
@@ -13,13 +13,26 @@ import torch
 from metanas.errors import ConfigError, DataError
 from metanas.tasks import (
     SPLITS,
+    DatasetTasks,
+    ImageFolderTasks,
+    MiniImageNetTasks,
     OmniglotTasks,
     Task,
     TaskSampler,
+    TasksetAdapter,
     check_sampler,
     sample_task,
 )
-from metanas.tasks.base import draw_episode
+from metanas.tasks.core import (
+    UNIT_PIXELS,
+    DensePool,
+    PixelNorm,
+    Rotations,
+    check_counts,
+    compose,
+    draw_episode,
+    pixel_normalisation,
+)
 from metanas.tasks.omniglot import resize_packed
 
 NPZ = resources.files("metanas.tasks") / "data" / "omniglot" / "omniglot.npz"
@@ -442,3 +455,87 @@ def test_check_sampler_rejects():
     with pytest.raises(ConfigError, match="missing attribute `n_way`") as info:
         check_sampler(Missing())
     assert "missing attribute `input_shape`" in str(info.value)
+
+
+# ----------------------------------------------------------------------------- the shared core
+
+
+@pytest.mark.parametrize("value", [1, 0, -3, 2.0, 2.5, True, "5", None])
+def test_check_counts_refuses_and_names_the_fix(value):
+    with pytest.raises(ConfigError) as info:
+        check_counts(value, 1, 1)
+    assert str(info.value) == (
+        f"n_way={value!r} is not an integer >= 2; set task.n_way (or the n_way argument) to an integer >= 2"
+    )
+
+
+def test_check_counts_accepts_any_integer_type():
+    counts = check_counts(np.int64(5), 1, np.int32(15))
+    assert counts == (5, 1, 15) and all(type(c) is int for c in counts)
+    with pytest.raises(ConfigError, match="q_query=0 is not an integer >= 1"):
+        check_counts(5, 1, 0)
+    with pytest.raises(ConfigError, match="k_shot=True is not an integer"):  # a bool is not a count
+        check_counts(5, True, 1)
+
+
+@pytest.mark.parametrize("make", [
+    lambda **kw: OmniglotTasks(**kw),
+    lambda **kw: ImageFolderTasks("/nonexistent/folder", **kw),
+    lambda **kw: MiniImageNetTasks("/nonexistent/folder", **kw),
+    lambda **kw: DatasetTasks([], **kw),
+    lambda **kw: TasksetAdapter(object(), **kw),
+], ids=["omniglot", "image_folder", "miniimagenet", "dataset", "taskset"])
+def test_every_loader_uses_the_one_count_check(make):
+    """The same check, before any data is read: the same message from every loader."""
+    with pytest.raises(ConfigError) as info:
+        make(n_way=5, k_shot=0, q_query=3)
+    assert str(info.value) == (
+        "k_shot=0 is not an integer >= 1; set task.k_shot (or the k_shot argument) to an integer >= 1"
+    )
+
+
+def test_rotations_expand_the_pool_and_turn_each_class():
+    rot = Rotations.parse([0, 90, 270], period=10)
+    ids, rows = rot.expand(np.array([1, 4]), np.array([0, 1]))
+    assert ids.tolist() == [1, 4, 11, 14, 31, 34] and rows.tolist() == [0, 1, 0, 1, 0, 1]
+    img = np.array([[1, 2], [3, 4]])
+    batch = np.stack([np.stack([img, img + 4])] * 3)  # (3 classes, 2 examples, 2, 2)
+    out = rot(batch.copy(), np.array([4, 11, 34]))  # 0, 90, 270 degrees counter-clockwise
+    assert out[0].tolist() == batch[0].tolist()
+    assert out[1, 0].tolist() == [[2, 4], [1, 3]] and out[1, 1].tolist() == [[6, 8], [5, 7]]
+    assert out[2, 0].tolist() == [[3, 1], [4, 2]]
+
+
+def test_rotations_as_a_class_transform_of_compose():
+    images = np.random.default_rng(0).integers(0, 256, (3, 4, 5, 5), dtype=np.uint8)
+    rot = Rotations.parse([180, 90], period=3)
+    pool = DensePool(images, *rot.expand(np.arange(3), np.arange(3)))
+    task = compose(pool, 4, 1, 2, np.random.default_rng(1), (rot,), UNIT_PIXELS)
+    assert set(task.classes) <= {6, 7, 8, 3, 4, 5}  # base + 3 * (angle // 90)
+    for x, y in zip(task.query_x[:, 0].numpy(), task.query_y.tolist()):
+        base, turns = task.classes[y] % 3, task.classes[y] // 3
+        drawings = np.rot90(images[base], turns, axes=(-2, -1)) / np.float32(255)
+        assert any(np.array_equal(x, d) for d in drawings)
+
+
+@pytest.mark.parametrize(("angles", "needle"), [
+    ((0, 45), "rotation 45 is not supported"), ((90, 90), "rotation 90 is listed twice"),
+    ([], "rotations=[] is empty"), ("0", "rotations='0' is not a list"), ((0, 1.5), "rotation=1.5"),
+])
+def test_rotations_refuse_bad_angles(angles, needle):
+    with pytest.raises(ConfigError, match="task.rotations") as info:
+        Rotations.parse(angles, period=10)
+    assert needle in str(info.value)
+
+
+def test_pixel_norm_keeps_each_loaders_rounding():
+    x = np.arange(256, dtype=np.uint8).reshape(1, 1, 16, 16)
+    assert np.array_equal(UNIT_PIXELS(x), np.divide(x, np.float32(255), dtype=np.float32))
+    assert np.array_equal(UNIT_PIXELS(x.astype(np.float64)), x.astype(np.float32))  # only uint8 is divided
+    scale, shift, std = pixel_normalisation(1, True, [0.2], [0.5])
+    folder = PixelNorm.from_settings(1, invert=True, mean=[0.2], std=[0.5])
+    want = (x.astype(np.float32) * np.float32(scale[0] / 255.0) - shift[0]) / std[0]
+    assert np.array_equal(folder(x), want) and folder(x).dtype == np.float32
+    # the two roundings differ in the last bit for some values: each loader keeps its own
+    assert not np.array_equal(UNIT_PIXELS(x), PixelNorm.from_settings(1)(x))
+    assert np.abs(UNIT_PIXELS(x) - PixelNorm.from_settings(1)(x)).max() < 1e-7
