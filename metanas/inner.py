@@ -129,13 +129,8 @@ class InnerLoopConfig:
 
     def temperature(self, step: int) -> float:
         """Softmax temperature at inner step ``step`` (``steps`` is the read-out)."""
-        return anneal_temperature(
-            step,
-            self.steps + 1,
-            self.temperature_start,
-            self.temperature_end,
-            self.temperature_schedule,
-        )
+        return anneal_temperature(step, self.steps + 1, self.temperature_start,
+                                  self.temperature_end, self.temperature_schedule)
 
 
 @dataclass(frozen=True)
@@ -159,8 +154,6 @@ class Adapted:
 class AutogradGrads:
     """Gradients with :func:`torch.autograd.grad`: the CPU fast paths (pruned-op skipping,
     channels-last pools) apply, and ``create_graph`` keeps the graph for second order."""
-
-    functional = False
 
     def start(self, weights: Mapping[str, Tensor], alphas: Mapping[str, Tensor],
               create_graph: bool, adapt_alphas: bool) -> tuple[Params, Params]:
@@ -194,8 +187,6 @@ class AutogradGrads:
 class FuncGrads:
     """Gradients with :func:`torch.func.grad`: composes with ``vmap`` and with an enclosing
     ``torch.func.grad`` (which then differentiates through the inner loop)."""
-
-    functional = True
 
     def start(self, weights, alphas, create_graph, adapt_alphas):
         return dict(weights), dict(alphas)

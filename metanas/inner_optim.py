@@ -1,22 +1,12 @@
 """Differentiable inner-loop optimisers: pure ``(init, update)`` pairs in a registry.
 
-An inner optimiser never mutates anything: ``init(params)`` returns its starting state and
-``update(params, grads, lrs, state, step)`` returns the new parameters and the new state,
-all plain tensors, so the updates can be differentiated through (second-order MAML) and
-mapped with ``torch.func.vmap``. (The shape of optax's ``GradientTransformation`` and of the
-differentiable optimisers of ``higher``.)
-
-A new inner optimiser is one registry entry: a factory that takes the
-:class:`~metanas.inner.InnerLoopConfig` (for its hyper-parameters) and returns an
-:class:`InnerOptimizer`::
-
-    @register_inner_optimizer("signsgd")
-    def _signsgd(cfg):
-        def update(params, grads, lrs, state, step):
-            return [p - lr * g.sign() for p, g, lr in zip(params, grads, lrs)], state
-        return InnerOptimizer(init=lambda params: (), update=update)
-
-after which ``InnerLoopConfig(optimizer="signsgd")`` (``inner.optimizer=signsgd``) uses it.
+``init(params)`` returns an optimiser's state and ``update(params, grads, lrs, state, step)``
+returns new parameters and state, all plain tensors, so updates can be differentiated through
+(second-order MAML) and mapped with ``torch.func.vmap`` (the shape of optax's
+``GradientTransformation`` and of ``higher``'s differentiable optimisers). A new inner
+optimiser is one :func:`register_inner_optimizer` entry: a factory taking the
+:class:`~metanas.inner.InnerLoopConfig` and returning an :class:`InnerOptimizer`; then
+``inner.optimizer=<name>`` uses it (``tests/test_inner_optim.py`` registers heavy-ball SGD).
 """
 
 from __future__ import annotations
@@ -28,8 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-State = Any
-"""An optimiser's state: any pytree of tensors (tuples, lists, dicts)."""
+State = Any  # any pytree of tensors (tuples, lists, dicts)
 
 
 @dataclass(frozen=True)
@@ -49,11 +38,8 @@ class InnerOptimizer:
     ]
 
 
-OptimizerFactory = Callable[[Any], InnerOptimizer]
-"""``InnerLoopConfig -> InnerOptimizer``."""
-
-INNER_OPTIMIZERS: dict[str, OptimizerFactory] = {}
-"""Name -> factory of every registered inner optimiser."""
+OptimizerFactory = Callable[[Any], InnerOptimizer]  # InnerLoopConfig -> InnerOptimizer
+INNER_OPTIMIZERS: dict[str, OptimizerFactory] = {}  # name -> factory of every registered one
 
 
 def register_inner_optimizer(name: str) -> Callable[[OptimizerFactory], OptimizerFactory]:
