@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
+from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
 from torch import Tensor, nn
 
 from metanas.errors import ConfigError
@@ -351,6 +353,21 @@ class SearchCell(CellBase):
         return torch.cat(states[2:], dim=1)
 
 
+def _recomputed(cell: nn.Module, args: tuple) -> Tensor:
+    """``cell(*args)`` with its activations recomputed in the backward pass.
+
+    The cell's tensors are handed to the checkpoint as explicit inputs: under
+    :func:`torch.func.functional_call` (the adapted weights) they are swapped back out of the
+    module before the backward pass, so the recomputation must not read them from the module.
+    """
+    names, tensors = zip(*cell.named_parameters())
+
+    def run(*flat: Tensor) -> Tensor:
+        return functional_call(cell, dict(zip(names, flat[len(args):])), flat[: len(args)])
+
+    return checkpoint(run, *args, *tensors, use_reentrant=False)
+
+
 class SearchNetwork(nn.Module):
     """The supernet. Holds weights only (no buffers, no alphas).
 
@@ -365,9 +382,15 @@ class SearchNetwork(nn.Module):
         cfg: the :class:`SearchSpaceConfig` it was built from.
         stem, cells, classifier: submodules (see the module docstring for parameter names).
         skip_pruned_ops: skip pruned ops (default True); False computes every op.
+        recompute_cells: keep only each cell's inputs during the forward pass and recompute
+            its activations in the backward pass (:func:`torch.utils.checkpoint.checkpoint`,
+            non-reentrant): less activation memory for about one more forward pass, the same
+            gradients (second order included). Applies outside ``torch.func`` transforms and
+            when autograd records (default False).
     """
 
     skip_pruned_ops: bool = True
+    recompute_cells: bool = False
 
     def __init__(self, cfg: SearchSpaceConfig) -> None:
         super().__init__()
@@ -406,9 +429,12 @@ class SearchNetwork(nn.Module):
         }
         active = {k: self._active_ops(w) for k, w in weights.items()}
         s0 = s1 = self.stem(x)
+        recompute = self.recompute_cells and torch.is_grad_enabled() and is_plain(x)
         for cell in self.cells:
             kind = "reduce" if cell.reduction else "normal"
-            s0, s1 = s1, cell(s0, s1, weights[kind], betas[kind], active[kind])
+            args = (s0, s1, weights[kind], betas[kind], active[kind])
+            out = _recomputed(cell, args) if recompute else cell(*args)
+            s0, s1 = s1, out
         logits = self.classifier(s1.mean(dim=(2, 3)))
         skipped = self._skipped_weights(active)
         if skipped:
