@@ -29,7 +29,8 @@ ADAM = InnerLoopConfig(steps=2, lr_weights=0.01, lr_alphas=0.05, optimizer="adam
 
 
 class _Bundled(nn.Module):
-    """Weights and alphas as one module, so `higher` can treat them as ordinary parameters."""
+    """Weights and alphas as one module, so `higher` can treat them as ordinary parameters
+    (its forward takes the alphas' softmax temperature too)."""
 
     def __init__(self, net, weights, alphas):
         super().__init__()
@@ -39,8 +40,8 @@ class _Bundled(nn.Module):
             for name, p in net.named_parameters():
                 p.copy_(weights[name])
 
-    def forward(self, x):
-        return self.net(x, dict(self.alphas))
+    def forward(self, x, temperature=1.0):
+        return self.net(x, dict(self.alphas), temperature)
 
 
 def _higher_meta_gradients(net, weights, alphas, tasks, cfg):

@@ -34,10 +34,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.func import functional_call
 
 from conftest import make_task, tiny_space
+from test_meta_gradients import _Bundled
 from metanas.algorithms import FOMAML, MAML, Reptile
 from metanas.evaluate import diversity, evaluate
 from metanas.inner import InnerLoopConfig, adapt, predict
@@ -154,21 +154,6 @@ def test_first_order_meta_gradients_follow_the_independent_loop(tiny, tasks, opt
 PRUNE = 0.2
 SO_START, SO_END, SO_STEPS = 1.5, 0.5, 3
 SO_LR = {"sgd": (0.1, 0.3), "adam": (0.01, 0.05)}
-
-
-class _Bundled(nn.Module):
-    """Weights and alphas as one module whose forward takes the temperature (for higher)."""
-
-    def __init__(self, net, weights, alphas):
-        super().__init__()
-        self.net = net
-        self.alphas = nn.ParameterDict({k: nn.Parameter(v.detach().clone()) for k, v in alphas.items()})
-        with torch.no_grad():
-            for name, p in net.named_parameters():
-                p.copy_(weights[name])
-
-    def forward(self, x, temperature):
-        return self.net(x, dict(self.alphas), temperature)
 
 
 def _pruned_net():

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ..engines import TaskPool, TaskTensors, resolve_batching, stack_tasks, vmap_tasks
 from ..errors import ConfigError
 from ..functional import Params
-from ..inner import AUTOGRAD, FUNC, Adapted, Grads, InnerLoopConfig, alpha_displacement
+from ..inner import AUTOGRAD, FUNC, Adapted, Grads, InnerLoopConfig
 
 
 @dataclass(frozen=True)
