@@ -3,7 +3,8 @@
 A loader (Omniglot, an image folder, miniImageNet, a dataset of ``(x, y)`` pairs) decodes its
 data and says which classes each split has; the rest is here, for a new loader to reuse too:
 
-* :func:`check_counts`: the one check of ``n_way`` / ``k_shot`` / ``q_query``.
+* :func:`check_counts`: the one check of ``n_way`` / ``k_shot`` / ``q_query``;
+  :func:`check_split_sizes`: each split's class count against ``n_way``.
 * :func:`permuted_split` and :func:`split_classes`: class splits from a seeded permutation.
 * :class:`DensePool` / :class:`RaggedPool`: one split's classes and where their examples are.
 * :func:`compose`: one episode: draw ``n_way`` classes (their order is the labelling) and
@@ -38,7 +39,7 @@ from .base import SPLITS, Split, Task, check_split
 
 __all__ = [
     "UNIT_PIXELS", "ClassTransform", "DensePool", "Layout", "PixelNorm", "PoolSampler", "RaggedPool",
-    "Rotations", "check_counts", "check_int", "compose", "draw_episode", "load_cached",
+    "Rotations", "check_counts", "check_int", "check_split_sizes", "compose", "draw_episode", "load_cached",
     "make_task", "permuted_split", "pixel_normalisation", "read_npz", "sample_task", "sample_task_ragged",
     "split_classes",
 ]
@@ -76,6 +77,37 @@ def check_counts(n_way: object, k_shot: object, q_query: object) -> tuple[int, i
         ConfigError: for the first one that is not an integer in range.
     """
     return check_int("n_way", n_way, 2), check_int("k_shot", k_shot, 1), check_int("q_query", q_query, 1)
+
+
+def check_split_sizes(
+    sizes: Mapping[str, int], n_way: int, where: str = "", fix: str = "lower n_way or change the class split"
+) -> None:
+    """The class count of every split against ``n_way``, when a sampler is built.
+
+    A split with classes needs at least ``n_way`` of them; a split without any is allowed (a
+    dataset only adapted to, e.g. ``split_fractions=[0, 0, 1]``): drawing from it fails, and
+    :func:`~metanas.tasks.check_sampler` tries the splits a consumer will use.
+
+    Args:
+        sizes: ``{split: n_classes}``.
+        n_way: classes per task.
+        where: names the data at the start of the message, e.g. ``"image folder x: "``.
+        fix: what to change, the end of the message.
+
+    Raises:
+        DataError: no split has ``n_way`` classes, or one has some but fewer.
+    """
+    total = sum(sizes.values())
+    if all(size < n_way for size in sizes.values()):
+        raise DataError(
+            f"{where}{total} classes, split {dict(sizes)}: no split has n_way={n_way} classes; {fix}"
+        )
+    for split, size in sizes.items():
+        if 0 < size < n_way:
+            raise DataError(
+                f"{where}split {split!r} has {size} of the {total} classes, fewer than n_way={n_way} "
+                f"(a split needs none or at least {n_way}); {fix}"
+            )
 
 
 def permuted_split(ids: np.ndarray, sizes: Mapping[str, int], seed: int) -> dict[str, np.ndarray]:
