@@ -61,7 +61,12 @@ class TasksetAdapter:
 
     Raises:
         ConfigError: a taskset has no callable ``sample``.
+
+    ``reproducible`` is False: :func:`~metanas.tasks.check_sampler` does not draw from it (a
+    draw would move the tasksets' own random state); every task is checked as it is regrouped.
     """
+
+    reproducible = False
 
     def __init__(
         self, train: Any, n_way: int, k_shot: int, q_query: int, val: Any = None, test: Any = None,

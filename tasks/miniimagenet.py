@@ -229,7 +229,8 @@ class MiniImageNetTasks(PoolSampler):
         DataError: the data is absent (with the download command), incomplete or damaged, or
             a class has fewer than ``k_shot + q_query`` images or a split fewer than ``n_way``
             classes. The CSV format's class lists are checked here for every split; the
-            pickles' when each is decoded (on first use).
+            pickles' when each is decoded (on first use; :func:`~metanas.tasks.check_sampler`
+            draws from each split the trainer uses when it is built).
     """
 
     def __init__(
