@@ -12,7 +12,8 @@ data and says which classes each split has; the rest is here, for a new loader t
   (e.g. :class:`Rotations`), map the pixels with a :class:`PixelNorm`, cut support / query.
 * :class:`PoolSampler`: a :class:`~metanas.tasks.TaskSampler` over one pool per split, the
   base of the loaders.
-* :func:`load_cached`: a validated ``.npz`` cache, rebuilt when damaged, written atomically.
+* :func:`load_cached`: a validated ``.npz`` cache, rebuilt when damaged, written atomically;
+  writing one removes the older caches of the same data and settings.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import io
 import json
 import logging
 import operator
+import re
+import shlex
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -538,9 +541,36 @@ def read_npz(
     raise DataError(f"{path}: {problem}" + (f"; {fix}" if fix else ""))
 
 
+def _remove_stale(path: Path, prefix: str, scope_digest: str) -> None:
+    """Delete the other caches of ``path``'s scope (same prefix and scope, another key); list
+    the caches named before scopes existed (``<prefix>-<hash>.npz``, dataset unknown)."""
+    ours = re.compile(rf"{re.escape(prefix)}-{scope_digest}-[0-9a-f]{{20}}\.npz")
+    unscoped = re.compile(rf"{re.escape(prefix)}-[0-9a-f]{{20}}\.npz")
+    legacy = []
+    for other in sorted(path.parent.iterdir()):
+        if other == path or not other.is_file():
+            continue
+        if ours.fullmatch(other.name):
+            try:
+                size = other.stat().st_size
+                other.unlink()
+            except OSError as exc:
+                log.info("cannot remove the stale cache %s (%s)", other, exc)
+                continue
+            log.info("removed the stale cache %s (%.1f MB): an older version of the data or files", other, size / 1e6)
+        elif unscoped.fullmatch(other.name):
+            legacy.append(other)
+    if legacy:
+        size = sum(f.stat().st_size for f in legacy if f.is_file())
+        log.info(
+            "%d cache file(s) of an older metanas version in %s (%.1f MB) are no longer used; remove "
+            "them with: %s", len(legacy), path.parent, size / 1e6, shlex.join(["rm", *map(str, legacy)]),
+        )
+
+
 def load_cached(
     folder: str | Path | None, prefix: str, key: object, expected: Layout,
-    build: Callable[[], dict[str, np.ndarray]],
+    build: Callable[[], dict[str, np.ndarray]], scope: object = None,
 ) -> dict[str, np.ndarray]:
     """The arrays cached in ``folder/<prefix>-<hash of key>.npz``, or ``build()``'s, then cached
     there atomically (``key``: JSON-able, all the arrays depend on; ``folder`` None: no cache).
@@ -548,9 +578,18 @@ def load_cached(
     A cache file is used only if :func:`read_npz` accepts it with the ``expected`` layout; a
     damaged one (truncated, corrupt, another shape or dtype) is logged and rebuilt, one that
     cannot be written is logged and skipped.
+
+    ``scope`` (JSON-able) names the dataset and settings a cache is of (e.g. the folder and the
+    image size; ``key`` adds what changes with the data, e.g. file times). With it the file is
+    ``<prefix>-<hash of scope>-<hash of key>.npz``, and writing it removes (logged at info level)
+    the caches of the same scope under another key: older versions of the data that no key
+    can match again. Caches of other scopes (other settings, another dataset in a shared
+    folder) are kept.
     """
     digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:20]
-    path = None if folder is None else Path(folder).expanduser() / f"{prefix}-{digest}.npz"
+    scope_digest = None if scope is None else hashlib.sha256(json.dumps(scope).encode()).hexdigest()[:8]
+    name = f"{prefix}-{digest}.npz" if scope_digest is None else f"{prefix}-{scope_digest}-{digest}.npz"
+    path = None if folder is None else Path(folder).expanduser() / name
     if path is not None and path.is_file():
         try:
             return read_npz(path, expected)
@@ -564,4 +603,7 @@ def load_cached(
             atomic_write_bytes(path, buffer.getvalue())
         except OSError as exc:  # a read-only place: work without a cache
             log.warning("cannot write the cache %s (%s); set cache_dir or cache=false", path, exc)
+        else:
+            if scope_digest is not None:
+                _remove_stale(path, prefix, scope_digest)
     return arrays

@@ -17,7 +17,8 @@ with ``mean`` / ``std``.
 The decoded arrays are cached as ``.npz`` keyed by a hash of the file list, file sizes,
 modification times and the decoding settings, so a second run loads in milliseconds and any
 change to the folder invalidates the cache (:func:`metanas.tasks.core.load_cached`: written
-atomically, rebuilt when unreadable or of the wrong shape or dtype).
+atomically, rebuilt when unreadable or of the wrong shape or dtype). Writing a new cache
+removes the older ones of the same folder and settings.
 
 Classes are split into meta-train / meta-val / meta-test either by fractions of a seeded
 permutation of the sorted class names or by explicit lists of class names.
@@ -236,8 +237,9 @@ def load_image_folder(
     layout = {"images": (np.dtype(np.uint8), (len(files), channels, image_size, image_size)),
               "labels": (np.dtype(np.int64), (len(files),))}  # labels: derived, kept for the v1 format
     folder = (cache_dir or _default_cache_dir(root)) if cache else None
+    scope = [_CACHE_VERSION, str(root), image_size, channels]  # this folder at these settings
     arrays = load_cached(folder, "images", key, layout, lambda: {
-        "images": load_images([root / f for f in files], image_size, channels), "labels": labels})
+        "images": load_images([root / f for f in files], image_size, channels), "labels": labels}, scope)
     return ImageFolderData(arrays["images"], labels, tuple(n for n, _ in classes), files)
 
 

@@ -17,7 +17,8 @@ meta-test. Two formats are common and both are read from ``root``:
 Pixels become float32 ``x / 255`` in [0, 1], optionally normalised per channel with ``mean``
 and ``std``. Splits are decoded on first use and, for the CSV format, cached as ``.npz``
 (:func:`metanas.tasks.core.load_cached`, as for image folders: keyed by file sizes and times,
-written atomically, rebuilt when unreadable or of the wrong shape or dtype).
+written atomically, rebuilt when unreadable or of the wrong shape or dtype, the older caches
+of the same split and settings removed when a new one is written).
 
 Download (pickle format, about 1.1 GB)::
 
@@ -204,8 +205,9 @@ def _load_csv_split(root: Path, split: str, image_size: int, channels: int, cach
     stats = [(f, p.stat().st_size, p.stat().st_mtime_ns) for f, p in zip(files, paths)]
     key = [_CACHE_VERSION, split, image_size, channels, stats]
     layout = {"images": (np.dtype(np.uint8), (len(paths), channels, image_size, image_size))}
+    scope = [_CACHE_VERSION, str(root.resolve()), split, image_size, channels]
     arrays = load_cached(root / ".metanas_cache" if cache else None, split, key, layout,
-                         lambda: {"images": load_images(paths, image_size, channels)})
+                         lambda: {"images": load_images(paths, image_size, channels)}, scope)
     return _Split(arrays["images"], rows, names)
 
 

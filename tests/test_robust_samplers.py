@@ -1,10 +1,11 @@
 """Samplers that fail early and reproduce: split sizes checked when a sampler is built,
-tasks tried by check_sampler and checked by the trainer."""
+tasks tried by check_sampler and checked by the trainer, stale image caches removed."""
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import pickle
 import subprocess
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_task, tiny_space
+from PIL import Image
 
 from metanas.algorithms import Reptile
 from metanas.checkpoint import save_checkpoint
@@ -31,8 +33,9 @@ from metanas.tasks import (
     TasksetAdapter,
     check_sampler,
     check_task,
+    load_image_folder,
 )
-from metanas.tasks.core import check_split_sizes
+from metanas.tasks.core import check_split_sizes, load_cached
 from metanas.tasks.synthetic import make_shapes_folder
 from metanas.trainer import MetaTrainer, TrainerConfig
 
@@ -558,3 +561,68 @@ def test_adapt_data_folder_is_tried_on_its_test_split_only(tmp_path, ckpt):
                                           "finetune_steps=0", "export=false"])
     metrics = adapt_command(cfg, tmp_path / "out")  # train and val are empty: not tried
     assert metrics["n_tasks"] == 1
+
+
+# ================================================================ 10: stale caches
+def _caches(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob("images-*.npz"))
+
+
+def test_writing_a_cache_removes_the_older_ones_of_the_same_folder(tmp_path, caplog):
+    root, other = _tiny_folder(tmp_path / "d", 2), _tiny_folder(tmp_path / "other", 2)
+    shared = tmp_path / "cache"
+    names = []
+    for folder, size in ((other, 8), (root, 8), (root, 6)):  # another dataset; other settings
+        load_image_folder(folder, size, 1, cache_dir=shared)
+        (new,) = set(_caches(shared)) - set(names)
+        names.append(new)
+    of_other, stale, other_size = names
+    f = next((root / "circle_filled").iterdir())
+    Image.new("L", (8, 8), 255).save(f)
+    os.utime(f, ns=(1, 1))
+    with caplog.at_level(logging.INFO, logger="metanas.tasks.core"):
+        changed = load_image_folder(root, 8, 1, cache_dir=shared)
+    after = _caches(shared)
+    assert len(after) == 3 and stale not in after and {of_other, other_size} <= set(after)
+    assert any(f"removed the stale cache {shared / stale}" in r.getMessage() for r in caplog.records)
+    again = load_image_folder(root, 8, 1, cache_dir=shared)  # the new cache is used as it is
+    assert np.array_equal(again.images, changed.images) and _caches(shared) == after
+
+
+def test_caches_of_an_older_version_are_listed_not_removed(tmp_path, caplog):
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    legacy = folder / "images-0123456789abcdef0123.npz"  # <prefix>-<hash>.npz: dataset unknown
+    legacy.write_bytes(b"x" * 1000)
+    layout = {"a": (np.dtype(np.int64), (3,))}
+    with caplog.at_level(logging.INFO, logger="metanas.tasks.core"):
+        load_cached(folder, "images", ["k", 1], layout, lambda: {"a": np.arange(3)}, scope=["s"])
+    assert legacy.is_file()
+    assert any(f"no longer used; remove them with: rm {legacy}" in r.getMessage() for r in caplog.records)
+    # without a scope nothing is removed or listed
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="metanas.tasks.core"):
+        load_cached(folder, "images", ["k", 2], layout, lambda: {"a": np.arange(3)})
+    assert not caplog.records and len(list(folder.glob("*.npz"))) == 3
+
+
+def test_miniimagenet_csv_cache_keeps_one_per_split(tmp_path):
+    root = _mini_csv(tmp_path / "m", {"train": 2, "val": 2, "test": 2}, per_class=2)
+    (root / "images").mkdir()
+    for split in ("train", "val", "test"):
+        for c in range(2):
+            for i in range(2):
+                Image.new("RGB", (5, 5), (c * 100, i * 50, 0)).save(root / "images" / f"{split}{c}_{i}.jpg")
+    tasks = MiniImageNetTasks(root, n_way=2, k_shot=1, q_query=1, image_size=4)
+    check_sampler(tasks)
+    cache = root / ".metanas_cache"
+    first = sorted(p.name for p in cache.glob("*.npz"))
+    assert [n.split("-")[0] for n in first] == ["test", "train", "val"]
+    img = root / "images" / "val0_0.jpg"
+    Image.new("RGB", (5, 5), (255, 255, 255)).save(img)
+    os.utime(img, ns=(1, 1))
+    MiniImageNetTasks(root, n_way=2, k_shot=1, q_query=1, image_size=4).sample("val", np.random.default_rng(0))
+    now = sorted(p.name for p in cache.glob("*.npz"))
+    assert len(now) == 3 and [n for n in first if n.startswith("train") or n.startswith("test")] == \
+        [n for n in now if n.startswith("train") or n.startswith("test")]
+    assert [n for n in now if n.startswith("val")] != [n for n in first if n.startswith("val")]
