@@ -216,9 +216,11 @@ def _mode_sampled(cfg: DictConfig, model: MetaModel, device: torch.device) -> tu
             std=None if cfg.std is None else list(cfg.std),
         )
         split, what = "test", f"image folder {cfg.data}"
+        check_sampler(sampler, splits=(split,))  # all its classes are in the test split
     else:
-        sampler = check_sampler(build(cfg.task, "the task sampler (task=...)"))
-        split, what = str(cfg.split), f"task sampler {type(sampler).__name__}"
+        split = str(cfg.split)
+        sampler = check_sampler(build(cfg.task, "the task sampler (task=...)"), splits=(split,))
+        what = f"task sampler {type(sampler).__name__}"
     check_fits(model, tuple(sampler.input_shape), int(sampler.n_way), what)
     workers = default_workers(device)
     share_cores(workers, device)

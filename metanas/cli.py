@@ -65,7 +65,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, dist: DistContext | None = Non
     device = resolve_device(cfg.device)
     if dist.enabled and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", dist.local_rank)  # one GPU per process
-    sampler = check_sampler(build(cfg.task, "the task sampler (task=...)"))
+    # members only: MetaTrainer draws from the splits it will use
+    sampler = check_sampler(build(cfg.task, "the task sampler (task=...)"), splits=())
     make_space = build(cfg.search_space, "the search space (search_space=...)")
     space = make_space(in_channels=sampler.input_shape[0], n_classes=sampler.n_way)
     # Weight and alpha initialisation is seeded without touching torch's global RNG.

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
-from metanas.tasks import TaskSampler, check_sampler
+from metanas.tasks import TaskSampler, check_sampler, check_task
 
 from . import rundir
 from .algorithms import MetaAlgorithm
@@ -159,7 +159,9 @@ class MetaTrainer:
         alphas: initial meta-alphas, name -> tensor (copied into parameters); empty for a
             fixed-architecture network (e.g. :class:`metanas.baselines.Conv4`): then there is
             no alpha meta-optimiser and evaluations derive no genotypes.
-        sampler: task distribution with "train", "val" and "test" splits.
+        sampler: task distribution with "train", "val" (unless ``cfg.val_every`` is 0) and
+            "test" splits; tried on each of them here (:func:`~metanas.tasks.check_sampler`),
+            and every training task it draws is checked (:func:`~metanas.tasks.check_task`).
         algorithm: the outer loop (Reptile, FOMAML, MAML).
         inner: inner-loop settings.
         weights_optimizer: factory ``params -> torch.optim.Optimizer`` for the weights.
@@ -193,7 +195,11 @@ class MetaTrainer:
         dist: DistContext | None = None,
         logger: RunLogger | None = None,
     ) -> None:
-        self.sampler = check_sampler(sampler)
+        # what its tasks must be: examples of the network's dtype; tried now on every split it will use
+        first = next(net.parameters(), None)
+        self._task_dtype = torch.float32 if first is None else first.dtype
+        used = ("train", *(("val",) if cfg.val_every else ()), "test")
+        self.sampler = check_sampler(sampler, splits=used, float_dtype=self._task_dtype)
         self.dist = dist or DistContext()
         if self.dist.world_size > cfg.meta_batch_size:
             raise ConfigError(
@@ -336,7 +342,8 @@ class MetaTrainer:
     def meta_step(self) -> dict[str, float]:
         """One outer-loop update on a fresh meta-batch; returns its statistics."""
         # every process draws the whole meta-batch (keeps the generators in step) and keeps its share
-        tasks = [self.sampler.sample("train", self.rng) for _ in range(self.cfg.meta_batch_size)]
+        tasks = [check_task(self.sampler.sample("train", self.rng), self.sampler, "train", self._task_dtype)
+                 for _ in range(self.cfg.meta_batch_size)]
         tasks = [t.to(self.device) for t in self.dist.shard(tasks)]
         adapt_alphas = bool(self.alphas) and self.step >= self.cfg.alpha_warmup_steps
         grads = self.algorithm.meta_gradients(

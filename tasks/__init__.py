@@ -5,7 +5,8 @@ Public API:
 * :class:`Task`: one few-shot episode (support / query tensors, labels, global class ids).
 * :class:`TaskSampler`: the protocol every sampler follows (``n_way``, ``k_shot``,
   ``q_query``, ``input_shape``, ``sample(split, rng) -> Task``); :func:`check_sampler`
-  validates an object against it.
+  validates an object against it (members, and tasks drawn from the splits used), and
+  :func:`check_task` is the cheap check of one drawn task.
 * :data:`Split` / :data:`SPLITS`: ``"train"``, ``"val"``, ``"test"``.
 * :func:`sample_task` / :func:`sample_task_ragged`: generic N-way K-shot Q-query composition
   over an array of per-class examples, for custom samplers.
@@ -20,7 +21,7 @@ Public API:
 """
 
 from .adapters import DatasetTasks, TasksetAdapter
-from .base import SPLITS, Split, Task, TaskSampler, check_sampler
+from .base import SPLITS, Split, Task, TaskSampler, check_sampler, check_task
 from .core import sample_task, sample_task_ragged
 from .image_folder import ImageFolderTasks, load_image_folder
 from .miniimagenet import MiniImageNetTasks
@@ -37,6 +38,7 @@ __all__ = [
     "TaskSampler",
     "TasksetAdapter",
     "check_sampler",
+    "check_task",
     "load_image_folder",
     "sample_task",
     "sample_task_ragged",

@@ -28,7 +28,7 @@ from torch import Tensor
 from metanas.errors import ConfigError, DataError
 
 from .base import SPLITS, Split, Task, check_split
-from .core import UNIT_PIXELS, PoolSampler, RaggedPool, check_counts, make_task, split_classes
+from .core import UNIT_PIXELS, PoolSampler, RaggedPool, check_counts, check_split_sizes, make_task, split_classes
 
 __all__ = ["DatasetTasks", "TasksetAdapter"]
 
@@ -61,7 +61,12 @@ class TasksetAdapter:
 
     Raises:
         ConfigError: a taskset has no callable ``sample``.
+
+    ``reproducible`` is False: :func:`~metanas.tasks.check_sampler` does not draw from it (a
+    draw would move the tasksets' own random state); every task is checked as it is regrouped.
     """
+
+    reproducible = False
 
     def __init__(
         self, train: Any, n_way: int, k_shot: int, q_query: int, val: Any = None, test: Any = None,
@@ -159,8 +164,8 @@ class DatasetTasks(PoolSampler):
     ``Task.classes`` are the labels ``y``.
 
     Raises:
-        DataError: an empty dataset, non-pair items, or classes with fewer than
-            ``k_shot + q_query`` examples.
+        DataError: an empty dataset, non-pair items, classes with fewer than
+            ``k_shot + q_query`` examples, or a split with some but fewer than ``n_way`` classes.
     """
 
     def __init__(
@@ -188,6 +193,13 @@ class DatasetTasks(PoolSampler):
         self.input_shape = tuple(int(s) for s in _to_tensor(dataset[int(rows[0][0])][0]).shape)
         if len(self.input_shape) != 3:
             raise DataError(f"examples have shape {self.input_shape}; expected (C, H, W) or (H, W)")
+        fix = (
+            f"lower n_way or name at least {self.n_way} labels in each split of `classes`" if classes is not None
+            else f"lower n_way or change split_fractions (now {[float(f) for f in split_fractions]})"
+        )
+        check_split_sizes(
+            {s: len(v) for s, v in self.splits.items()}, self.n_way, f"dataset {type(dataset).__name__}: ", fix
+        )
         items, ids = _LazyItems(dataset), self.labels.astype(np.int64)  # Task.classes: the labels
         self.pools = {s: RaggedPool(items, ids[i], [rows[c] for c in i]) for s, i in self.splits.items()}
 

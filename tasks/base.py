@@ -9,23 +9,28 @@ ICML 2017).
 
 Anything with the attributes ``n_way``, ``k_shot``, ``q_query``, ``input_shape`` and a method
 ``sample(split, rng) -> Task`` is a sampler; :func:`check_sampler` validates one once, at
-construction time of whatever consumes it. The composition of episodes that built-in samplers
-use and custom samplers may reuse is in :mod:`metanas.tasks.core`.
+construction time of whatever consumes it (its members, and a task drawn twice alike from
+each split used), and :func:`check_task` is the cheap check of each task drawn later. The
+composition of episodes that built-in samplers use and custom samplers may reuse is in
+:mod:`metanas.tasks.core`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import traceback
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Literal, Protocol, get_args, runtime_checkable
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from metanas.errors import ConfigError
+from metanas.errors import ConfigError, MetaNASError
 
-__all__ = ["SPLITS", "Split", "Task", "TaskSampler", "check_sampler", "check_split"]
+__all__ = ["SPLITS", "Split", "Task", "TaskSampler", "check_sampler", "check_split", "check_task"]
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[str, ...] = get_args(Split)
@@ -126,7 +131,9 @@ class TaskSampler(Protocol):
         input_shape: ``(C, H, W)`` of one example.
 
     ``sample`` must take all its randomness from ``rng`` (no global RNG), so that a generator
-    seeded the same way reproduces the same sequence of tasks.
+    seeded the same way reproduces the same sequence of tasks. A sampler that cannot (one
+    that wraps a source with its own random state) sets ``reproducible = False``;
+    :func:`check_sampler` then does not draw from it.
     """
 
     n_way: int
@@ -143,18 +150,144 @@ def _is_int(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
-def check_sampler(obj: object) -> TaskSampler:
-    """Check once that ``obj`` follows the :class:`TaskSampler` protocol.
+def _name(obj: object) -> str:
+    return type(obj).__name__
+
+
+def check_task(
+    task: object, sampler: TaskSampler, split: str, float_dtype: torch.dtype = torch.float32
+) -> Task:
+    """The cheap check of one drawn task: its type, shapes, dtypes and label range.
+
+    No data is copied and nothing is drawn; the trainer runs it on every task it draws.
+
+    Args:
+        task: what ``sampler.sample(split, rng)`` returned.
+        sampler: the sampler (its declared ``n_way``, ``k_shot``, ``q_query``, ``input_shape``).
+        split: the split it was drawn from (for the message).
+        float_dtype: the dtype the examples must have (that of the model; float32 by default).
+
+    Returns:
+        ``task``, typed as a :class:`Task`.
+
+    Raises:
+        ConfigError: one line naming the sampler, what is wrong and the fix.
+    """
+    where = f"{_name(sampler)}.sample({split!r}, rng)"
+    if not isinstance(task, Task):
+        raise ConfigError(
+            f"{where} returned a {type(task).__name__}, not a metanas.tasks.Task; return "
+            "Task(support_x, support_y, query_x, query_y, classes) (see metanas.tasks.sample_task)"
+        )
+    fields = ("support_x", "support_y", "query_x", "query_y")
+    plain = [f for f in fields if not isinstance(getattr(task, f), Tensor)]
+    if plain:
+        raise ConfigError(
+            f"{where} returned a Task whose {', '.join(plain)} {'is' if len(plain) == 1 else 'are'} "
+            f"{type(getattr(task, plain[0])).__name__}; make them torch tensors (torch.from_numpy)"
+        )
+    n, k, q = sampler.n_way, sampler.k_shot, sampler.q_query
+    shape = tuple(sampler.input_shape)
+    if (task.n_way, tuple(task.support_x.shape), tuple(task.query_x.shape)) != (n, (n * k, *shape), (n * q, *shape)):
+        raise ConfigError(
+            f"{where} returned a {task.n_way}-way task with support_x {tuple(task.support_x.shape)} and "
+            f"query_x {tuple(task.query_x.shape)}, but the sampler declares n_way={n}, k_shot={k}, "
+            f"q_query={q}, input_shape={shape}, i.e. ({n * k}, {', '.join(map(str, shape))}) and "
+            f"({n * q}, {', '.join(map(str, shape))}); return tasks of the declared shape or declare "
+            "the shape it returns"
+        )
+    dtypes = (task.support_x.dtype, task.query_x.dtype, task.support_y.dtype, task.query_y.dtype)
+    if dtypes != (float_dtype, float_dtype, torch.int64, torch.int64):
+        raise ConfigError(
+            f"{where} returned support_x/query_x/support_y/query_y of dtypes "
+            f"{'/'.join(str(d).removeprefix('torch.') for d in dtypes)}; examples must be "
+            f"{str(float_dtype).removeprefix('torch.')} and labels int64 (x.float(), y.long())"
+        )
+    for name in ("support_y", "query_y"):
+        y = getattr(task, name)
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high >= n:
+            raise ConfigError(
+                f"{where} returned {name} with labels {low}..{high}, outside 0..{n - 1}; label the "
+                f"n_way={n} classes of a task 0..{n - 1} (label i is classes[i])"
+            )
+    return task
+
+
+def _check_order(task: Task, sampler: TaskSampler, split: str) -> None:
+    """Labels class-major, as :class:`Task` documents: label ``i`` in block ``i`` of each set."""
+    for name, per_class in (("support_y", sampler.k_shot), ("query_y", sampler.q_query)):
+        y = getattr(task, name)
+        expected = torch.arange(sampler.n_way, device=y.device).repeat_interleave(per_class)
+        if not torch.equal(y, expected):
+            head = 2 * per_class + 1
+            raise ConfigError(
+                f"{_name(sampler)}.sample({split!r}, rng) returned {name} starting "
+                f"{y[:head].tolist()}, not class-major; order each set by label, {per_class} "
+                f"example(s) of label 0, then of label 1, ... ({expected[:head].tolist()} ...), "
+                "as metanas.tasks.Task documents"
+            )
+
+
+def _same(a: Task, b: Task) -> bool:
+    """Equal classes and tensors (NaN equal to NaN)."""
+    return a.classes == b.classes and all(
+        x.shape == y.shape and x.dtype == y.dtype and torch.allclose(x, y, rtol=0, atol=0, equal_nan=True)
+        if x.is_floating_point() else torch.equal(x, y)
+        for x, y in ((getattr(a, f), getattr(b, f)) for f in ("support_x", "support_y", "query_x", "query_y"))
+    )
+
+
+def _draw(obj: TaskSampler, split: str, seed: int) -> object:
+    """``obj.sample(split, default_rng(seed))``; a failure as one line naming the sampler."""
+    where = f"{_name(obj)}.sample({split!r}, rng)"
+    try:
+        return obj.sample(split, np.random.default_rng(seed))
+    except MetaNASError as exc:
+        try:
+            named = type(exc)(f"{where}: {exc}")
+        except TypeError:  # an error class that takes other arguments: as it is
+            raise exc from None
+        raise named from exc
+    except Exception as exc:  # a bug or bad data in a custom sampler: say where, keep the cause
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        raise ConfigError(
+            f"{where} raised {type(exc).__name__}: {exc} (at {Path(frame.filename).name}:"
+            f"{frame.lineno}); fix the sampler so that sample(split, rng) returns a metanas.tasks.Task"
+        ) from exc
+
+
+def check_sampler(
+    obj: object, splits: Iterable[str] = SPLITS, float_dtype: torch.dtype = torch.float32, seed: int = 0
+) -> TaskSampler:
+    """Check once that ``obj`` follows the :class:`TaskSampler` protocol, and try it.
+
+    First its members (``n_way``, ``k_shot``, ``q_query``, ``input_shape``, ``sample``). Then,
+    from each of ``splits``, it draws one task twice with generators seeded alike
+    (``default_rng(seed)``, independent of any training generator): each must pass
+    :func:`check_task` (a :class:`Task` of the declared shape, ``float_dtype`` examples, int64
+    labels in ``0..n_way-1``) with labels class-major, and the two must be equal (a sampler
+    that draws from global random state, or its own, fails here). A sampler with
+    ``reproducible = False`` (:class:`~metanas.tasks.TasksetAdapter`: its taskset has its own
+    random state) is not drawn from, so as not to move that state.
 
     Args:
         obj: the candidate sampler.
+        splits: the splits to draw from, those that will be used (e.g. ``("test",)`` for a
+            test-only dataset); ``()`` checks the members only.
+        float_dtype: the dtype examples must have (that of the model).
+        seed: seed of the check's generators.
 
     Returns:
         ``obj`` itself.
 
     Raises:
-        ConfigError: listing every missing or mistyped member and how to fix it.
+        ConfigError: listing every missing or mistyped member and how to fix it, or one line
+            naming the sampler, what its task got wrong and the fix; an unknown split name.
+        DataError: a split the sampler cannot draw from (e.g. too few classes), with the
+            sampler's name.
     """
+    splits = tuple(check_split(s) for s in splits)
     problems: list[str] = []
     for name, lowest in (("n_way", 2), ("k_shot", 1), ("q_query", 1)):
         if not hasattr(obj, name):
@@ -197,4 +330,17 @@ def check_sampler(obj: object) -> TaskSampler:
         raise ConfigError(
             f"{type(obj).__name__} is not a TaskSampler: " + "; ".join(problems)
         )
-    return obj  # type: ignore[return-value]
+    sampler: TaskSampler = obj  # type: ignore[assignment]
+    if not getattr(obj, "reproducible", True):
+        return sampler
+    for split in splits:
+        first = check_task(_draw(sampler, split, seed), sampler, split, float_dtype)
+        _check_order(first, sampler, split)
+        second = check_task(_draw(sampler, split, seed), sampler, split, float_dtype)
+        if not _same(first, second):
+            raise ConfigError(
+                f"{_name(sampler)}.sample({split!r}, rng) returned different tasks for two generators "
+                "seeded alike; take all randomness from the rng argument (no np.random.*, "
+                "random.*, torch.rand* or a generator of its own), so that seeds reproduce"
+            )
+    return sampler

@@ -3,7 +3,8 @@
 A loader (Omniglot, an image folder, miniImageNet, a dataset of ``(x, y)`` pairs) decodes its
 data and says which classes each split has; the rest is here, for a new loader to reuse too:
 
-* :func:`check_counts`: the one check of ``n_way`` / ``k_shot`` / ``q_query``.
+* :func:`check_counts`: the one check of ``n_way`` / ``k_shot`` / ``q_query``;
+  :func:`check_split_sizes`: each split's class count against ``n_way``.
 * :func:`permuted_split` and :func:`split_classes`: class splits from a seeded permutation.
 * :class:`DensePool` / :class:`RaggedPool`: one split's classes and where their examples are.
 * :func:`compose`: one episode: draw ``n_way`` classes (their order is the labelling) and
@@ -11,7 +12,8 @@ data and says which classes each split has; the rest is here, for a new loader t
   (e.g. :class:`Rotations`), map the pixels with a :class:`PixelNorm`, cut support / query.
 * :class:`PoolSampler`: a :class:`~metanas.tasks.TaskSampler` over one pool per split, the
   base of the loaders.
-* :func:`load_cached`: a validated ``.npz`` cache, rebuilt when damaged, written atomically.
+* :func:`load_cached`: a validated ``.npz`` cache, rebuilt when damaged, written atomically;
+  writing one removes the older caches of the same data and settings.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import io
 import json
 import logging
 import operator
+import re
+import shlex
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -38,7 +42,7 @@ from .base import SPLITS, Split, Task, check_split
 
 __all__ = [
     "UNIT_PIXELS", "ClassTransform", "DensePool", "Layout", "PixelNorm", "PoolSampler", "RaggedPool",
-    "Rotations", "check_counts", "check_int", "compose", "draw_episode", "load_cached",
+    "Rotations", "check_counts", "check_int", "check_split_sizes", "compose", "draw_episode", "load_cached",
     "make_task", "permuted_split", "pixel_normalisation", "read_npz", "sample_task", "sample_task_ragged",
     "split_classes",
 ]
@@ -76,6 +80,37 @@ def check_counts(n_way: object, k_shot: object, q_query: object) -> tuple[int, i
         ConfigError: for the first one that is not an integer in range.
     """
     return check_int("n_way", n_way, 2), check_int("k_shot", k_shot, 1), check_int("q_query", q_query, 1)
+
+
+def check_split_sizes(
+    sizes: Mapping[str, int], n_way: int, where: str = "", fix: str = "lower n_way or change the class split"
+) -> None:
+    """The class count of every split against ``n_way``, when a sampler is built.
+
+    A split with classes needs at least ``n_way`` of them; a split without any is allowed (a
+    dataset only adapted to, e.g. ``split_fractions=[0, 0, 1]``): drawing from it fails, and
+    :func:`~metanas.tasks.check_sampler` tries the splits a consumer will use.
+
+    Args:
+        sizes: ``{split: n_classes}``.
+        n_way: classes per task.
+        where: names the data at the start of the message, e.g. ``"image folder x: "``.
+        fix: what to change, the end of the message.
+
+    Raises:
+        DataError: no split has ``n_way`` classes, or one has some but fewer.
+    """
+    total = sum(sizes.values())
+    if all(size < n_way for size in sizes.values()):
+        raise DataError(
+            f"{where}{total} classes, split {dict(sizes)}: no split has n_way={n_way} classes; {fix}"
+        )
+    for split, size in sizes.items():
+        if 0 < size < n_way:
+            raise DataError(
+                f"{where}split {split!r} has {size} of the {total} classes, fewer than n_way={n_way} "
+                f"(a split needs none or at least {n_way}); {fix}"
+            )
 
 
 def permuted_split(ids: np.ndarray, sizes: Mapping[str, int], seed: int) -> dict[str, np.ndarray]:
@@ -506,9 +541,36 @@ def read_npz(
     raise DataError(f"{path}: {problem}" + (f"; {fix}" if fix else ""))
 
 
+def _remove_stale(path: Path, prefix: str, scope_digest: str) -> None:
+    """Delete the other caches of ``path``'s scope (same prefix and scope, another key); list
+    the caches named before scopes existed (``<prefix>-<hash>.npz``, dataset unknown)."""
+    ours = re.compile(rf"{re.escape(prefix)}-{scope_digest}-[0-9a-f]{{20}}\.npz")
+    unscoped = re.compile(rf"{re.escape(prefix)}-[0-9a-f]{{20}}\.npz")
+    legacy = []
+    for other in sorted(path.parent.iterdir()):
+        if other == path or not other.is_file():
+            continue
+        if ours.fullmatch(other.name):
+            try:
+                size = other.stat().st_size
+                other.unlink()
+            except OSError as exc:
+                log.info("cannot remove the stale cache %s (%s)", other, exc)
+                continue
+            log.info("removed the stale cache %s (%.1f MB): an older version of the data or files", other, size / 1e6)
+        elif unscoped.fullmatch(other.name):
+            legacy.append(other)
+    if legacy:
+        size = sum(f.stat().st_size for f in legacy if f.is_file())
+        log.info(
+            "%d cache file(s) of an older metanas version in %s (%.1f MB) are no longer used; remove "
+            "them with: %s", len(legacy), path.parent, size / 1e6, shlex.join(["rm", *map(str, legacy)]),
+        )
+
+
 def load_cached(
     folder: str | Path | None, prefix: str, key: object, expected: Layout,
-    build: Callable[[], dict[str, np.ndarray]],
+    build: Callable[[], dict[str, np.ndarray]], scope: object = None,
 ) -> dict[str, np.ndarray]:
     """The arrays cached in ``folder/<prefix>-<hash of key>.npz``, or ``build()``'s, then cached
     there atomically (``key``: JSON-able, all the arrays depend on; ``folder`` None: no cache).
@@ -516,9 +578,18 @@ def load_cached(
     A cache file is used only if :func:`read_npz` accepts it with the ``expected`` layout; a
     damaged one (truncated, corrupt, another shape or dtype) is logged and rebuilt, one that
     cannot be written is logged and skipped.
+
+    ``scope`` (JSON-able) names the dataset and settings a cache is of (e.g. the folder and the
+    image size; ``key`` adds what changes with the data, e.g. file times). With it the file is
+    ``<prefix>-<hash of scope>-<hash of key>.npz``, and writing it removes (logged at info level)
+    the caches of the same scope under another key: older versions of the data that no key
+    can match again. Caches of other scopes (other settings, another dataset in a shared
+    folder) are kept.
     """
     digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:20]
-    path = None if folder is None else Path(folder).expanduser() / f"{prefix}-{digest}.npz"
+    scope_digest = None if scope is None else hashlib.sha256(json.dumps(scope).encode()).hexdigest()[:8]
+    name = f"{prefix}-{digest}.npz" if scope_digest is None else f"{prefix}-{scope_digest}-{digest}.npz"
+    path = None if folder is None else Path(folder).expanduser() / name
     if path is not None and path.is_file():
         try:
             return read_npz(path, expected)
@@ -532,4 +603,7 @@ def load_cached(
             atomic_write_bytes(path, buffer.getvalue())
         except OSError as exc:  # a read-only place: work without a cache
             log.warning("cannot write the cache %s (%s); set cache_dir or cache=false", path, exc)
+        else:
+            if scope_digest is not None:
+                _remove_stale(path, prefix, scope_digest)
     return arrays

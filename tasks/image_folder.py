@@ -17,7 +17,8 @@ with ``mean`` / ``std``.
 The decoded arrays are cached as ``.npz`` keyed by a hash of the file list, file sizes,
 modification times and the decoding settings, so a second run loads in milliseconds and any
 change to the folder invalidates the cache (:func:`metanas.tasks.core.load_cached`: written
-atomically, rebuilt when unreadable or of the wrong shape or dtype).
+atomically, rebuilt when unreadable or of the wrong shape or dtype). Writing a new cache
+removes the older ones of the same folder and settings.
 
 Classes are split into meta-train / meta-val / meta-test either by fractions of a seeded
 permutation of the sorted class names or by explicit lists of class names.
@@ -37,7 +38,9 @@ from PIL import Image
 
 from metanas.errors import ConfigError, DataError
 
-from .core import PixelNorm, PoolSampler, RaggedPool, check_counts, check_int, load_cached, split_classes
+from .core import (
+    PixelNorm, PoolSampler, RaggedPool, check_counts, check_int, check_split_sizes, load_cached, split_classes,
+)
 from .core import pixel_normalisation  # re-exported: metanas.adapt_cli imports it from here
 
 __all__ = [
@@ -234,8 +237,9 @@ def load_image_folder(
     layout = {"images": (np.dtype(np.uint8), (len(files), channels, image_size, image_size)),
               "labels": (np.dtype(np.int64), (len(files),))}  # labels: derived, kept for the v1 format
     folder = (cache_dir or _default_cache_dir(root)) if cache else None
+    scope = [_CACHE_VERSION, str(root), image_size, channels]  # this folder at these settings
     arrays = load_cached(folder, "images", key, layout, lambda: {
-        "images": load_images([root / f for f in files], image_size, channels), "labels": labels})
+        "images": load_images([root / f for f in files], image_size, channels), "labels": labels}, scope)
     return ImageFolderData(arrays["images"], labels, tuple(n for n, _ in classes), files)
 
 
@@ -259,8 +263,9 @@ class ImageFolderTasks(PoolSampler):
         cache, cache_dir: see :func:`load_image_folder`.
 
     Raises:
-        DataError: missing or empty folder, unreadable image, or a class with fewer than
-            ``k_shot + q_query`` images (all offenders named).
+        DataError: missing or empty folder, unreadable image, a class with fewer than
+            ``k_shot + q_query`` images (all offenders named), or a split with some but fewer
+            than ``n_way`` classes (:func:`~metanas.tasks.core.check_split_sizes`).
         ConfigError: bad settings.
     """
 
@@ -296,13 +301,12 @@ class ImageFolderTasks(PoolSampler):
                 f"k_shot + q_query = {need}: {listed}{' ...' if len(small) > 8 else ''}; add "
                 "images, lower k_shot / q_query, or remove those class folders"
             )
-        if all(len(v) < self.n_way for v in self.splits.values()):
-            sizes = {s: len(v) for s, v in self.splits.items()}
-            raise DataError(
-                f"image folder {self.root} has {len(self.class_names)} classes, split {sizes}: "
-                f"no split has n_way={self.n_way} classes; add classes, lower n_way or change "
-                "split_fractions (e.g. [0, 0, 1] for a test-only dataset)"
-            )
+        fix = (
+            f"lower n_way or name at least {self.n_way} classes in each split of `classes`" if classes is not None
+            else f"lower n_way, add classes or change split_fractions (now {[float(f) for f in split_fractions]}; "
+            "[0, 0, 1] for a dataset only adapted to)"
+        )
+        check_split_sizes({sp: len(v) for sp, v in self.splits.items()}, self.n_way, f"image folder {self.root}: ", fix)
 
     def __repr__(self) -> str:
         sizes = {s: len(v) for s, v in self.splits.items()}

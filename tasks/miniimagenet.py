@@ -17,7 +17,8 @@ meta-test. Two formats are common and both are read from ``root``:
 Pixels become float32 ``x / 255`` in [0, 1], optionally normalised per channel with ``mean``
 and ``std``. Splits are decoded on first use and, for the CSV format, cached as ``.npz``
 (:func:`metanas.tasks.core.load_cached`, as for image folders: keyed by file sizes and times,
-written atomically, rebuilt when unreadable or of the wrong shape or dtype).
+written atomically, rebuilt when unreadable or of the wrong shape or dtype, the older caches
+of the same split and settings removed when a new one is written).
 
 Download (pickle format, about 1.1 GB)::
 
@@ -45,7 +46,7 @@ from PIL import Image
 from metanas.errors import ConfigError, DataError
 
 from .base import SPLITS, Split, check_split
-from .core import PixelNorm, PoolSampler, RaggedPool, check_counts, check_int, load_cached
+from .core import PixelNorm, PoolSampler, RaggedPool, check_counts, check_int, check_split_sizes, load_cached
 from .image_folder import image_array, load_images
 
 __all__ = [
@@ -204,8 +205,9 @@ def _load_csv_split(root: Path, split: str, image_size: int, channels: int, cach
     stats = [(f, p.stat().st_size, p.stat().st_mtime_ns) for f, p in zip(files, paths)]
     key = [_CACHE_VERSION, split, image_size, channels, stats]
     layout = {"images": (np.dtype(np.uint8), (len(paths), channels, image_size, image_size))}
+    scope = [_CACHE_VERSION, str(root.resolve()), split, image_size, channels]
     arrays = load_cached(root / ".metanas_cache" if cache else None, split, key, layout,
-                         lambda: {"images": load_images(paths, image_size, channels)})
+                         lambda: {"images": load_images(paths, image_size, channels)}, scope)
     return _Split(arrays["images"], rows, names)
 
 
@@ -227,7 +229,10 @@ class MiniImageNetTasks(PoolSampler):
 
     Raises:
         DataError: the data is absent (with the download command), incomplete or damaged, or
-            a class has fewer than ``k_shot + q_query`` images.
+            a class has fewer than ``k_shot + q_query`` images or a split fewer than ``n_way``
+            classes. The CSV format's class lists are checked here for every split; the
+            pickles' when each is decoded (on first use; :func:`~metanas.tasks.check_sampler`
+            draws from each split the trainer uses when it is built).
     """
 
     def __init__(
@@ -258,6 +263,8 @@ class MiniImageNetTasks(PoolSampler):
                     f"miniImageNet in {self.root} lacks its {split} split ({self.format} format); "
                     + _DOWNLOAD_HINT.format(root=self.root)
                 )
+        if self.format == "csv":  # the class lists are cheap to read: check every split now
+            self._check_csv_splits()
         self.image_size, self.channels, self.cache = image_size, channels, cache
         self.input_shape = (channels, image_size, image_size)
         self.mean = None if mean is None else np.asarray(list(mean), dtype=np.float32)
@@ -265,6 +272,27 @@ class MiniImageNetTasks(PoolSampler):
         #: uint8 images -> float32, exactly as the sampler's tasks see them
         self.pixels = PixelNorm.from_settings(channels, False, mean, std)
         self._splits: dict[str, _Split] = {}
+
+    def _check_csv_splits(self) -> None:
+        """Each split file's classes against ``n_way`` and their images against ``k_shot + q_query``.
+
+        Raises:
+            DataError: a split file that cannot be read, a class with too few images, or a
+                split with fewer than ``n_way`` classes.
+        """
+        need, sizes = self.k_shot + self.q_query, {}
+        for split in SPLITS:
+            _, labels = read_split_csv(self.root / f"{split}.csv")
+            names, counts = np.unique(labels, return_counts=True)
+            small = [(str(n), int(c)) for n, c in zip(names, counts) if c < need]
+            if small:
+                raise DataError(
+                    f"miniImageNet {split} split: class(es) {small[:5]} have fewer than k_shot + "
+                    f"q_query = {need} images; lower k_shot / q_query"
+                )
+            sizes[split] = len(names)
+        check_split_sizes(sizes, self.n_way, f"miniImageNet in {self.root}: ",
+                          "lower n_way, or list more classes in that split's CSV file")
 
     def split_data(self, split: Split) -> _Split:
         """Decode (once) and return one split."""
@@ -284,7 +312,7 @@ class MiniImageNetTasks(PoolSampler):
             if len(data.names) < self.n_way:
                 raise DataError(
                     f"miniImageNet {split} split has {len(data.names)} classes, fewer than "
-                    f"n_way={self.n_way}; lower n_way"
+                    f"n_way={self.n_way}; lower n_way, or add classes to that split's file"
                 )
             log.info("miniImageNet %s: %d classes, %d images", split, len(data.names), len(data.images))
             self._splits[split] = data

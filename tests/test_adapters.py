@@ -75,7 +75,7 @@ class PairDataset(torch.utils.data.Dataset):
 
 
 def test_dataset_tasks_fast_and_slow_label_paths_agree():
-    labels = [c for c in range(10, 20) for _ in range(5)]
+    labels = [c for c in range(10, 25) for _ in range(5)]  # 15 classes: 9/3/3, each split 3-way
     fast = DatasetTasks(PairDataset(labels), n_way=3, k_shot=2, q_query=2, split_fractions=(0.6, 0.2, 0.2))
     slow = DatasetTasks(PairDataset(labels, with_targets=False), n_way=3, k_shot=2, q_query=2,
                         split_fractions=(0.6, 0.2, 0.2))

@@ -138,7 +138,7 @@ def test_split_by_seed_and_by_names():
 def test_sampler_protocol_reproducibility_and_normalisation(shapes, tmp_path):
     tasks = ImageFolderTasks(shapes, n_way=3, k_shot=2, q_query=3, image_size=16,
                              split_fractions=(0.5, 0, 0.5), cache_dir=tmp_path)
-    check_sampler(tasks)
+    check_sampler(tasks, splits=("train", "test"))  # val is empty
     assert tasks.input_shape == (1, 16, 16)
     a = tasks.sample("train", np.random.default_rng(5))
     b = tasks.sample("train", np.random.default_rng(5))
@@ -223,6 +223,6 @@ def test_config_group_builds_the_sampler(shapes, tmp_path):
     with initialize_config_module(config_module="metanas.conf", version_base="1.3"):
         cfg = compose("train", overrides=["task=image_folder", f"task.root={shapes}", "task.q_query=4",
                                           f"task.cache_dir={tmp_path}", "task.split_fractions=[0.5,0,0.5]", "task.n_way=4"])
-    tasks = check_sampler(instantiate(cfg.task, _convert_="all"))
+    tasks = check_sampler(instantiate(cfg.task, _convert_="all"), splits=("train", "test"))
     assert isinstance(tasks, ImageFolderTasks) and tasks.input_shape == (1, 28, 28)
     assert tasks.sample("test", np.random.default_rng(0)).query_x.shape == (16, 1, 28, 28)
