@@ -1,0 +1,221 @@
+"""Fail loudly and lose nothing: divergence, foreign meta-optimisers, damaged or unsafe
+checkpoints, leftovers of killed writes, and SIGKILLs at random points of a run."""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import logging
+import math
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+
+from conftest import make_task, tiny_space
+from metanas import rundir
+from metanas.algorithms import FOMAML, Reptile
+from metanas.checkpoint import FORMAT, load_checkpoint, save_checkpoint
+from metanas.cli import build_trainer
+from metanas.distributed import DistContext
+from metanas.errors import CheckpointError, ConfigError
+from metanas.inner import InnerLoopConfig
+from metanas.search_space import SearchNetwork, init_alphas
+from metanas.trainer import MetaTrainer, TrainerConfig
+
+LR_SETTINGS = ("inner.lr_weights", "inner.lr_alphas", "optim.weights.lr", "optim.alphas.lr")
+RESULTS = (rundir.METRICS, rundir.GENOTYPE, rundir.TASK_GENOTYPES)
+# the smoke experiment, smaller still: a step takes a fraction of a second on one core
+TINY = ("experiment=smoke", "task.n_way=3", "task.q_query=2", "task.image_size=14",
+        "search_space.channels=4", "inner.steps=1", "trainer.n_val_tasks=2", "trainer.n_test_tasks=2",
+        "trainer.compare_frozen_alphas=false", "trainer.task_workers=1", "logger.curves=false")
+
+
+class RandomTasks:
+    n_way, k_shot, q_query, input_shape = 3, 2, 2, (1, 8, 8)
+
+    def sample(self, split, rng):
+        return make_task(int(rng.integers(1 << 30)), dtype=torch.float32)
+
+
+def make_trainer(run_dir, optimizer="sgd", meta_lr=0.5, inner=None, **cfg):
+    space = tiny_space()
+    torch.manual_seed(0)
+    net = SearchNetwork(space)
+    alphas = init_alphas(space, generator=torch.Generator().manual_seed(0))
+    opt = functools.partial(torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam, lr=meta_lr)
+    settings = dict(meta_steps=4, meta_batch_size=2, val_every=1, n_val_tasks=2, ckpt_every=1,
+                    n_test_tasks=2, progress=False)
+    settings.update(cfg)
+    return MetaTrainer(
+        net=net, alphas=alphas, sampler=RandomTasks(),
+        algorithm=Reptile() if optimizer == "sgd" else FOMAML(),
+        inner=inner or InnerLoopConfig(steps=2, lr_weights=0.1, lr_alphas=0.2),
+        weights_optimizer=opt, alphas_optimizer=opt, search_space=space,
+        cfg=TrainerConfig(**settings), run_dir=run_dir,
+    )
+
+
+def run_cli(*args, cwd):
+    # one intra-op thread: with several, tiny kernels on a loaded 2-core machine run ~20x slower
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "metanas.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def one_error_line(proc) -> str:
+    """The CLI's error: exit 2, a single ``metanas-train: error:`` line, no traceback."""
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("metanas-train: error:")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
+def _compose(overrides):
+    with initialize_config_module(config_module="metanas.conf", version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def assert_no_results(run_dir: Path) -> None:
+    assert not [name for name in RESULTS if (run_dir / name).exists()]
+
+
+def ckpt(run_dir: Path, name: str = rundir.LAST_CKPT) -> Path:
+    return rundir.checkpoint_path(run_dir, name)
+
+
+# -------------------------------------------- 6 and 8. damaged and unsafe checkpoints
+def _saved(tmp_path) -> tuple[Path, dict]:
+    trainer = make_trainer(tmp_path)
+    trainer.meta_step()
+    return trainer.save(), trainer.state_dict()
+
+
+def flip_inside_a_tensor(path: Path, tensor: torch.Tensor) -> None:
+    """Change one byte in the middle of ``tensor``'s data as stored in ``path``."""
+    data = bytearray(path.read_bytes())
+    raw = tensor.detach().contiguous().numpy().tobytes()
+    at = data.find(raw)
+    assert at >= 0 and data.find(raw, at + 1) < 0, "the tensor's bytes are not in the file once"
+    data[at + len(raw) // 2] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+def test_a_byte_flipped_inside_a_tensor_is_refused(tmp_path):
+    path, state = _saved(tmp_path)
+    name = max(state["weights"], key=lambda k: state["weights"][k].numel())
+    flip_inside_a_tensor(path, state["weights"][name])
+    # without the hash it would load: the damage sits in one weight's data, nothing else
+    envelope = torch.load(path, weights_only=True)
+    silent = torch.load(io.BytesIO(envelope["payload"].numpy().tobytes()), weights_only=True)
+    assert [k for k in state["weights"] if not torch.equal(silent["weights"][k], state["weights"][k])] == [name]
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message
+    assert "does not match the sha256" in message and "best.ckpt" in message
+
+
+def test_format_version_1_checkpoints_still_load(tmp_path, caplog):
+    _, state = _saved(tmp_path)
+    state.pop("optimizer_classes", None)  # not recorded before format 2
+    path = tmp_path / "v1.ckpt"
+    torch.save({"format": FORMAT, "version": 1, **state}, path)  # as metanas wrote them before
+    with caplog.at_level(logging.DEBUG, logger="metanas.checkpoint"):
+        loaded = load_checkpoint(path, tiny_space().to_dict())
+    assert "format version 1: no content hash to verify" in caplog.text
+    assert all(torch.equal(loaded["weights"][k], v) for k, v in state["weights"].items())
+    resumed = make_trainer(tmp_path / "b")
+    resumed.resume(path)
+    assert resumed.step == 1
+    with pytest.raises(CheckpointError, match="version 7"):
+        torch.save({"format": FORMAT, "version": 7, **state}, path)
+        load_checkpoint(path)
+
+
+class RunsCode:
+    """Unpickling this runs a shell command: a checkpoint must never be loaded like that."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _unreadable_files(tmp_path: Path, good: Path, marker: Path) -> dict[str, tuple[Path, str]]:
+    """kind -> (file, a word its message must contain)."""
+    files = {}
+
+    def put(kind, data, expected):
+        files[kind] = (tmp_path / f"{kind}.ckpt", expected)
+        files[kind][0].write_bytes(data)
+
+    put("random_bytes", random.Random(3).randbytes(4096), "not a checkpoint")
+    put("text", b"not a checkpoint", "not a checkpoint")
+    put("empty", b"", "empty")
+    put("truncated", good.read_bytes()[: good.stat().st_size // 2], "truncated")
+    put("pickle_protocol_2", pickle.dumps(RunsCode(marker), protocol=2), "would import and run code")
+    put("pickle_protocol_5", pickle.dumps(RunsCode(marker), protocol=5), "would import and run code")
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, "version": 2, "step": RunsCode(marker)}, buffer)
+    put("torch_archive_with_code", buffer.getvalue(), "would import and run code")
+    files["missing"] = (tmp_path / "missing.ckpt", "does not exist")
+    return files
+
+
+def test_unreadable_checkpoints_get_one_line_messages_that_never_advise_unsafe_loading(tmp_path):
+    good, _ = _saved(tmp_path / "good")
+    marker = tmp_path / "code_ran"
+    for kind, (path, expected) in _unreadable_files(tmp_path, good, marker).items():
+        with pytest.raises(CheckpointError) as info, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            load_checkpoint(path)
+        assert not caught, (kind, [str(w.message) for w in caught])  # torch's warnings: not shown
+        message = str(info.value)
+        assert "\n" not in message and len(message) < 400, (kind, message)
+        assert expected in message and str(path) in message, (kind, message)
+        assert "weights_only" not in message and "trust" not in message, (kind, message)
+        # no chained torch error (with its advice) either
+        assert info.value.__cause__ is None, kind
+        assert info.value.__context__ is None or info.value.__suppress_context__, kind
+    assert not marker.exists()
+    # the code a pickle would run is named
+    with pytest.raises(CheckpointError, match=r"\((posix|os|nt)\.system\)"):
+        load_checkpoint(tmp_path / "pickle_protocol_5.ckpt")
+
+
+@pytest.mark.parametrize("kind", ["flipped", "pickle_protocol_5"])
+def test_cli_refuses_a_damaged_or_unsafe_checkpoint_in_one_line(tmp_path, kind):
+    cfg = _compose([*TINY, "device=cpu"])
+    trainer = build_trainer(cfg, tmp_path / "first")
+    try:
+        path = trainer.save()
+        weight = next(iter(trainer.weights.values())).detach().cpu()
+    finally:
+        trainer.close()
+    marker = tmp_path / "code_ran"
+    if kind == "flipped":
+        flip_inside_a_tensor(path, weight)
+    else:
+        path.write_bytes(pickle.dumps(RunsCode(marker), protocol=5))
+    run_dir = tmp_path / "second"
+    proc = run_cli(*TINY, f"resume={path}", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    line = one_error_line(proc)
+    assert ("sha256" if kind == "flipped" else "would import and run code") in line, line
+    assert "weights_only" not in proc.stderr and not marker.exists()
+    assert json.loads((run_dir / rundir.STATUS).read_text())["status"] == "failed"
+    assert_no_results(run_dir)
+
