@@ -40,7 +40,7 @@ from .algorithms import MetaAlgorithm
 from .algorithms.base import MetaGradients
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DistContext
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .evaluate import EvalResult, evaluate
 from .functional import weights_of
 from .inner import InnerLoopConfig
@@ -130,6 +130,17 @@ def _config_differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: 
         elif a != b:
             out.append(f"{name}: {a!r} -> {b!r}")
     return out
+
+
+_IMPLEMENTATION_FLAGS = frozenset(
+    {"params", "foreach", "maximize", "capturable", "differentiable", "fused", "decoupled_weight_decay"}
+)
+"""Param-group keys that torch optimisers share or added over releases: not the algorithm's."""
+
+
+def _class_name(obj: object | None) -> str | None:
+    """``module.qualname`` of ``obj``'s class (None for None)."""
+    return None if obj is None else f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
 def _apply(
@@ -266,6 +277,8 @@ class MetaTrainer:
             "alphas": {k: v.detach().cpu() for k, v in self.alphas.items()},
             "opt_weights": self.opt_weights.state_dict(),
             "opt_alphas": self.opt_alphas.state_dict() if self.opt_alphas is not None else None,
+            "optimizer_classes": {"weights": _class_name(self.opt_weights),
+                                  "alphas": _class_name(self.opt_alphas)},
             "rng_tasks": self.rng.bit_generator.state,
             "rng_torch": torch.get_rng_state(),
             "train_time": self.train_time,
@@ -274,8 +287,54 @@ class MetaTrainer:
             "config": self.config,
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a state written by :meth:`state_dict` (the search space must match)."""
+    def _check_meta_optimizers(self, state: Mapping[str, Any], source: str) -> None:
+        """Refuse a state whose meta-optimisers are not of this trainer's classes.
+
+        States that record no class names (written before they were) are compared by the
+        keys of their param groups: another optimiser has other hyper-parameters.
+
+        Raises:
+            CheckpointError: the optimiser classes (or their settings) differ.
+        """
+        ours = {"weights": self.opt_weights, "alphas": self.opt_alphas}
+        saved = {"weights": state.get("opt_weights"), "alphas": state.get("opt_alphas")}
+        classes = state.get("optimizer_classes")
+        fix = ("resume with the meta-optimisers it was trained with (optim=adam or optim=sgd, "
+               "or optim.weights._target_=... and optim.alphas._target_=...) or start a new run without resume")
+        if isinstance(classes, Mapping):
+            differ = [k for k, o in ours.items()
+                      if o is not None and classes.get(k) is not None and classes[k] != _class_name(o)]
+            if differ:
+                raise CheckpointError(
+                    f"{source} holds meta-optimiser states of {classes.get('weights')} (weights) and "
+                    f"{classes.get('alphas')} (alphas), this run asks for {_class_name(self.opt_weights)} "
+                    f"(weights) and {_class_name(self.opt_alphas)} (alphas); {fix}"
+                )
+            return
+        for kind, opt in ours.items():
+            groups = saved[kind].get("param_groups") if isinstance(saved[kind], Mapping) else None
+            if opt is None or not groups:
+                continue
+            theirs = set(groups[0]) - _IMPLEMENTATION_FLAGS - {"initial_lr"}
+            wanted = set(opt.param_groups[0]) - _IMPLEMENTATION_FLAGS - {"initial_lr"}
+            if theirs != wanted:
+                raise CheckpointError(
+                    f"{source} (which records no optimiser class) holds a {kind} meta-optimiser "
+                    f"state with settings {sorted(theirs)}, not those of the {_class_name(opt)} this "
+                    f"run asks for ({sorted(wanted)}): it was trained with another meta-optimiser; {fix}"
+                )
+
+    def load_state_dict(self, state: Mapping[str, Any], source: str = "the state") -> None:
+        """Restore a state written by :meth:`state_dict` (the search space must match).
+
+        Args:
+            state: the state.
+            source: what it came from, for error messages (e.g. ``checkpoint <path>``).
+
+        Raises:
+            CheckpointError: it holds the states of other meta-optimiser classes.
+        """
+        self._check_meta_optimizers(state, source)
         with torch.no_grad():
             for name, p in self.weights.items():
                 p.copy_(state["weights"][name])
@@ -299,7 +358,7 @@ class MetaTrainer:
         as a warning: the run then continues, but not as the original run would have.
         """
         state = load_checkpoint(path, self.search_space.to_dict(), self.device)
-        self.load_state_dict(state)
+        self.load_state_dict(state, source=f"checkpoint {path}")
         self._sync_parameters()
         changed = _config_differences(state.get("config") or {}, self.config)
         if changed:

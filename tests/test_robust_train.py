@@ -96,6 +96,57 @@ def ckpt(run_dir: Path, name: str = rundir.LAST_CKPT) -> Path:
     return rundir.checkpoint_path(run_dir, name)
 
 
+# ------------------------------------------------------ 4. another meta-optimiser
+def test_resume_with_another_meta_optimiser_names_both_classes(tmp_path):
+    adam = make_trainer(tmp_path, optimizer="adam", meta_lr=1e-3)
+    adam.meta_step()
+    path = adam.save()
+    sgd = make_trainer(tmp_path / "other", optimizer="sgd")
+    with pytest.raises(CheckpointError) as info:
+        sgd.resume(path)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message
+    assert "torch.optim.adam.Adam (weights) and torch.optim.adam.Adam (alphas)" in message
+    assert "this run asks for torch.optim.sgd.SGD (weights) and torch.optim.sgd.SGD (alphas)" in message
+    assert sgd.step == 0  # nothing restored
+    again = make_trainer(tmp_path / "same", optimizer="adam", meta_lr=1e-3)
+    again.resume(path)  # the same classes resume
+    assert again.step == 1
+
+
+@pytest.mark.parametrize("first,second", [("adam", "sgd"), ("sgd", "adam")])
+def test_old_checkpoint_without_class_names_is_compared_by_its_settings(tmp_path, first, second):
+    trainer = make_trainer(tmp_path, optimizer=first, meta_lr=1e-3)
+    trainer.meta_step()
+    state = trainer.state_dict()
+    del state["optimizer_classes"]  # as written before the names were recorded
+    path = tmp_path / "old.ckpt"
+    save_checkpoint(path, state)
+    other = make_trainer(tmp_path / "b", optimizer=second, meta_lr=1e-3)
+    with pytest.raises(CheckpointError, match="records no optimiser class.*another meta-optimiser") as info:
+        other.resume(path)
+    assert "\n" not in str(info.value)
+    same = make_trainer(tmp_path / "c", optimizer=first, meta_lr=1e-3)
+    same.resume(path)
+    same.meta_step()  # and it steps: no KeyError from a foreign param group
+    assert same.step == 2
+
+
+def test_cli_resume_of_an_adam_checkpoint_with_reptile_is_refused(tmp_path):
+    trainer = build_trainer(_compose([*TINY, "device=cpu"]), tmp_path / "first")  # FOMAML: Adam
+    try:
+        path = trainer.save()
+    finally:
+        trainer.close()
+    run_dir = tmp_path / "second"
+    proc = run_cli(*TINY, "algorithm=reptile", f"resume={path}", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    line = one_error_line(proc)
+    assert "torch.optim.adam.Adam (weights)" in line and "asks for torch.optim.sgd.SGD (weights)" in line
+    assert "KeyError" not in proc.stderr
+    assert json.loads((run_dir / rundir.STATUS).read_text())["status"] == "failed"
+    assert_no_results(run_dir)
+
+
 # -------------------------------------------- 6 and 8. damaged and unsafe checkpoints
 def _saved(tmp_path) -> tuple[Path, dict]:
     trainer = make_trainer(tmp_path)
