@@ -8,6 +8,7 @@ a run resumed from its last checkpoint continues exactly as if it had never stop
 Into ``run_dir`` (file names: :mod:`metanas.rundir`) go ``checkpoints/last.ckpt`` (the full
 state, every ``ckpt_every`` meta-steps and at the end), ``checkpoints/best.ckpt`` (the state
 with the best meta-validation accuracy so far) and the logs of :mod:`metanas.logger`.
+Temporary files that killed writes left there are removed when a trainer is created.
 
 With several processes (:mod:`metanas.distributed`) every process draws the same meta-batch
 from the same generator and adapts its share of it; the meta-gradients are averaged over all
@@ -44,6 +45,7 @@ from .errors import CheckpointError, ConfigError
 from .evaluate import EvalResult, evaluate
 from .functional import weights_of
 from .inner import InnerLoopConfig
+from .io import remove_stale_temporaries
 from .logger import RunLogger
 from .engines import TaskPool, default_workers
 from .search_space import SearchSpaceConfig, architecture_stats, op_weights
@@ -236,7 +238,25 @@ class MetaTrainer:
         self.best: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
         self.logger = logger or RunLogger(self.run_dir, enabled=self.dist.is_main)
+        self.remove_stale_temporaries()
         self._sync_parameters()
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete the temporary files of killed writes in the run dir and its checkpoint
+        folder (rank 0 only: the folders' single writer); each removal is logged.
+
+        Returns:
+            The removed files.
+        """
+        if not self.dist.is_main:
+            return []
+        checkpoints = rundir.checkpoint_path(self.run_dir).parent
+        removed = [p for folder in (self.run_dir, checkpoints) if folder.is_dir()
+                   for p in remove_stale_temporaries(folder)]
+        if removed:
+            log.info("removed %d temporary file(s) left by interrupted writes: %s",
+                     len(removed), ", ".join(str(p) for p in removed))
+        return removed
 
     def close(self) -> None:
         """Stop the task threads and close the logger."""

@@ -270,3 +270,20 @@ def test_cli_refuses_a_damaged_or_unsafe_checkpoint_in_one_line(tmp_path, kind):
     assert json.loads((run_dir / rundir.STATUS).read_text())["status"] == "failed"
     assert_no_results(run_dir)
 
+
+# ----------------------------------------------------- 10. leftovers of killed writes
+def test_stale_temporaries_are_removed_when_a_trainer_starts(tmp_path, caplog):
+    stale = [ckpt(tmp_path).parent / ".last.ckpt.a1b2.tmp", tmp_path / ".train_log.csv.c3d4.tmp"]
+    kept = [ckpt(tmp_path, rundir.BEST_CKPT), tmp_path / "notes.tmp"]
+    follower = make_trainer(tmp_path)
+    for p in stale + kept:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x")
+    follower.dist = DistContext(rank=1, world_size=2)  # a process other than rank 0 removes nothing
+    assert follower.remove_stale_temporaries() == [] and all(p.exists() for p in stale)
+    with caplog.at_level(logging.INFO, logger="metanas.trainer"):
+        make_trainer(tmp_path)
+    assert not [p for p in stale if p.exists()] and all(p.exists() for p in kept)
+    assert "removed 2 temporary file(s) left by interrupted writes" in caplog.text
+    assert all(str(p) in caplog.text for p in stale)
+
