@@ -10,6 +10,10 @@ state, every ``ckpt_every`` meta-steps and at the end), ``checkpoints/best.ckpt`
 with the best meta-validation accuracy so far) and the logs of :mod:`metanas.logger`.
 Temporary files that killed writes left there are removed when a trainer is created.
 
+A meta-step whose losses or meta-gradients are not finite, or whose update makes a
+meta-parameter non-finite, stops the run with a :class:`~metanas.errors.ConfigError` naming the step and the learning
+rates; no checkpoint is written from a non-finite state, so both keep the last finite one.
+
 With several processes (:mod:`metanas.distributed`) every process draws the same meta-batch
 from the same generator and adapts its share of it; the meta-gradients are averaged over all
 processes, so the update equals that of one process with the whole meta-batch. Rank 0 alone
@@ -20,6 +24,7 @@ a run can be resumed with a different one.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 import warnings
@@ -143,6 +148,12 @@ _IMPLEMENTATION_FLAGS = frozenset(
 def _class_name(obj: object | None) -> str | None:
     """``module.qualname`` of ``obj``'s class (None for None)."""
     return None if obj is None else f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _all_finite(tensors: Iterable[Tensor]) -> bool:
+    """Whether every value of every tensor is finite, with a single synchronisation."""
+    flags = [t.detach().isfinite().all() for t in tensors]
+    return not flags or bool(torch.stack(flags).all())
 
 
 def _apply(
@@ -386,11 +397,30 @@ class MetaTrainer:
         log.info("resumed from %s at meta-step %d", path, self.step)
 
     def save(self, name: str = rundir.LAST_CKPT) -> Path:
-        """Write the full state atomically to ``run_dir/checkpoints/<name>`` (rank 0 only)."""
+        """Write the full state atomically to ``run_dir/checkpoints/<name>`` (rank 0 only).
+
+        Raises:
+            ConfigError: a meta-parameter is not finite (the file is left as it was).
+        """
         path = rundir.checkpoint_path(self.run_dir, name)
         if self.dist.is_main:
+            if not _all_finite([*self.weights.values(), *self.alphas.values()]):
+                raise self._diverged(f"the meta-parameters are not finite; {name} is not overwritten")
             save_checkpoint(path, self.state_dict())
         return path
+
+    def _diverged(self, what: str, step: int | None = None) -> ConfigError:
+        """The one-line error of a run that diverged at ``step`` (default: the current one)."""
+        meta_lrs = [o.param_groups[0].get("initial_lr", o.param_groups[0]["lr"]) if o is not None
+                    else None for o in (self.opt_weights, self.opt_alphas)]
+        lrs = (f"inner.lr_weights={self.inner.lr_weights:g}, inner.lr_alphas={self.inner.lr_alphas:g}, "
+               f"optim.weights.lr={meta_lrs[0]:g}"
+               + (f", optim.alphas.lr={meta_lrs[1]:g}" if meta_lrs[1] is not None else ""))
+        return ConfigError(
+            f"meta-training diverged at meta-step {self.step if step is None else step}: {what}; "
+            f"a learning rate is likely too high: lower one of {lrs}, then resume=auto (the checkpoints hold the "
+            "last finite state) or start a new run"
+        )
 
     def _write_log(self) -> None:
         self.logger.write(self.history)
@@ -415,9 +445,26 @@ class MetaTrainer:
         )
         if self.dist.enabled:
             grads = self._average_over_processes(grads, len(tasks))
+        losses = {"query loss of the adapted models": grads.query_loss}
+        if self.inner.steps > 0:  # without inner steps there is no support loss (NaN)
+            losses["support loss of the meta-parameters"] = grads.support_loss
+        for what, value in losses.items():
+            if not math.isfinite(value):  # the meta-parameters are not updated from it
+                raise self._diverged(f"the {what} is {value}", self.step + 1)
+        parts = {"meta-weights": grads.weights, "meta-alphas": grads.alphas or {}}
+        if not _all_finite([g for part in parts.values() for g in part.values()]):
+            bad = [kind for kind, part in parts.items() if not _all_finite(part.values())]
+            raise self._diverged(f"the meta-gradient of the {' and '.join(bad)} is not finite "
+                                 "(with finite losses)", self.step + 1)
         _apply(self.opt_weights, self.weights, grads.weights)
+        updated = list(self.weights.values())
         if grads.alphas is not None and self.opt_alphas is not None:
             _apply(self.opt_alphas, self.alphas, grads.alphas)
+            updated += self.alphas.values()
+        if not _all_finite(updated):
+            bad = [kind for kind, ps in (("meta-weights", self.weights), ("meta-alphas", self.alphas))
+                   if ps and not _all_finite(ps.values())]
+            raise self._diverged(f"the meta-update made the {' and '.join(bad)} non-finite", self.step + 1)
         row = {
             "step": float(self.step + 1),
             "support_loss": grads.support_loss,

@@ -96,6 +96,93 @@ def ckpt(run_dir: Path, name: str = rundir.LAST_CKPT) -> Path:
     return rundir.checkpoint_path(run_dir, name)
 
 
+# ------------------------------------------------------------------ 1. divergence
+def test_divergent_inner_lr_stops_at_the_first_step_and_writes_no_checkpoint(tmp_path):
+    trainer = make_trainer(tmp_path, inner=InnerLoopConfig(steps=2, lr_weights=1e30, lr_alphas=0.2))
+    with pytest.raises(ConfigError) as info:
+        trainer.fit()
+    message = str(info.value)
+    assert "\n" not in message
+    assert "meta-step 1:" in message and "query loss" in message and "nan" in message
+    assert "inner.lr_weights=1e+30" in message
+    assert all(name in message for name in LR_SETTINGS), message
+    assert trainer.step == 0 and not trainer.history
+    assert not ckpt(tmp_path).parent.exists()
+
+
+def test_divergence_after_checkpoints_leaves_them_finite_and_untouched(tmp_path):
+    trainer = make_trainer(tmp_path, meta_steps=2)
+    trainer.fit()  # two good steps, both checkpointed and validated (best.ckpt)
+    before = {name: ckpt(tmp_path, name).read_bytes() for name in (rundir.LAST_CKPT, rundir.BEST_CKPT)}
+    trainer.cfg = replace(trainer.cfg, meta_steps=5)
+    trainer.inner = replace(trainer.inner, lr_weights=1e30)
+    with pytest.raises(ConfigError, match="diverged at meta-step 3: the query loss"):
+        trainer.fit()
+    for name, data in before.items():
+        assert ckpt(tmp_path, name).read_bytes() == data, name
+        state = load_checkpoint(ckpt(tmp_path, name))
+        assert state["step"] == (2 if name == rundir.LAST_CKPT else trainer.best["step"])
+        assert all(t.isfinite().all() for t in [*state["weights"].values(), *state["alphas"].values()])
+
+
+def test_a_meta_update_to_non_finite_parameters_stops_the_run(tmp_path):
+    trainer = make_trainer(tmp_path, meta_lr=math.inf)  # finite losses, an infinite update
+    with pytest.raises(ConfigError) as info:
+        trainer.fit()
+    message = str(info.value)
+    assert "meta-step 1: the meta-update made the meta-weights" in message and "\n" not in message
+    assert "optim.weights.lr=inf" in message and all(n in message for n in LR_SETTINGS)
+    assert not ckpt(tmp_path).exists()
+
+
+class PoisonedGradients:
+    """Reptile, but one meta-gradient value of the weights is NaN (the losses stay finite)."""
+
+    def meta_gradients(self, *args, **kwargs):
+        grads = Reptile().meta_gradients(*args, **kwargs)
+        name = next(iter(grads.weights))
+        grads.weights[name] = grads.weights[name].clone().index_fill_(0, torch.tensor([0]), math.nan)
+        return grads
+
+
+def test_a_non_finite_meta_gradient_stops_the_run_before_the_update(tmp_path):
+    trainer = make_trainer(tmp_path)
+    trainer.algorithm = PoisonedGradients()
+    before = {k: v.detach().clone() for k, v in {**trainer.weights, **trainer.alphas}.items()}
+    with pytest.raises(ConfigError, match="meta-step 1: the meta-gradient of the meta-weights is not finite"):
+        trainer.fit()
+    assert all(torch.equal(v, before[k]) for k, v in {**trainer.weights, **trainer.alphas}.items())
+    assert not ckpt(tmp_path).exists()
+
+
+def test_save_refuses_non_finite_parameters_and_keeps_the_file(tmp_path):
+    trainer = make_trainer(tmp_path)
+    path = trainer.save()
+    before = path.read_bytes()
+    with torch.no_grad():
+        next(iter(trainer.alphas.values()))[0, 0] = float("inf")
+    with pytest.raises(ConfigError, match="not finite; last.ckpt is not overwritten"):
+        trainer.save()
+    assert path.read_bytes() == before
+
+
+def test_cli_divergence_fails_with_one_line_exit_2_and_status_failed(tmp_path):
+    run_dir = tmp_path / "run"
+    leftover = ckpt(run_dir).parent / f".{rundir.LAST_CKPT}.k1ll3d.tmp"  # of an earlier killed run
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"half a checkpoint")
+    proc = run_cli(*TINY, "inner.lr_weights=1e30", "trainer.meta_steps=3", f"hydra.run.dir={run_dir}",
+                   cwd=tmp_path)
+    line = one_error_line(proc)
+    assert "diverged at meta-step 1" in line and all(n in line for n in LR_SETTINGS), line
+    status = json.loads((run_dir / rundir.STATUS).read_text())
+    assert status["status"] == "failed" and "diverged at meta-step 1" in status["error"]
+    assert_no_results(run_dir)
+    assert not leftover.exists() and not list(ckpt(run_dir).parent.iterdir())  # 10: removed, none written
+    log_text = "".join(p.read_text() for p in run_dir.glob(rundir.JOB_LOGS))
+    assert f"removed 1 temporary file(s) left by interrupted writes: {leftover}" in log_text
+
+
 # ------------------------------------------------------ 4. another meta-optimiser
 def test_resume_with_another_meta_optimiser_names_both_classes(tmp_path):
     adam = make_trainer(tmp_path, optimizer="adam", meta_lr=1e-3)
