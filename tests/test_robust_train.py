@@ -374,3 +374,102 @@ def test_stale_temporaries_are_removed_when_a_trainer_starts(tmp_path, caplog):
     assert "removed 2 temporary file(s) left by interrupted writes" in caplog.text
     assert all(str(p) in caplog.text for p in stale)
 
+
+# ------------------------------------------------------------- fault injection
+def _comparable(state: dict) -> dict:
+    """What must be bit-identical between a killed-and-resumed and an uninterrupted run.
+
+    Not ``rng_torch``: torch seeds its global generator at random in every process and the
+    meta-training draws nothing from it, so it differs between any two processes.
+    """
+    return {
+        "step": state["step"], "weights": state["weights"], "alphas": state["alphas"],
+        "opt": (state["opt_weights"], state["opt_alphas"]), "rng_tasks": state["rng_tasks"],
+        "best": state["best"], "history": [{k: v for k, v in row.items() if k != "time_s"}
+                                           for row in state["history"]],
+    }
+
+
+def _assert_identical(a, b, where="state"):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b), where
+        for k in a:
+            _assert_identical(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b or (a != a and b != b), f"{where}: {a!r} != {b!r}"  # NaN == NaN here
+
+
+def _temporaries(run_dir: Path) -> list[Path]:
+    return [p for folder in (run_dir, ckpt(run_dir).parent) if folder.is_dir()
+            for p in folder.glob(".*.tmp")]
+
+
+def _writes(path: Path) -> tuple[int, int] | None:
+    """An id of the file now at ``path`` (a new inode per atomic write), None when absent."""
+    try:
+        stat = os.stat(path)
+        return stat.st_ino, stat.st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_then_resume_auto_equals_an_uninterrupted_run(tmp_path):
+    args = [*TINY, "trainer.meta_steps=12", "trainer.ckpt_every=1", "trainer.val_every=4",
+            "trainer.log_every=4", "resume=auto"]
+    straight = tmp_path / "straight"
+    proc = run_cli(*args, f"hydra.run.dir={straight}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    run_dir, rng = tmp_path / "killed", random.Random(20261201)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    kills, during_write = [], 0
+    for attempt in range(6):
+        # odd attempts: SIGKILL at a random moment after a random number of checkpoint writes;
+        # even ones: SIGKILL the moment a checkpoint's temporary file appears (mid-write)
+        mid_write, wait_writes = attempt % 2 == 0, rng.randint(1, 3)
+        delay = rng.uniform(0.0, 0.6)
+        child = subprocess.Popen([sys.executable, "-m", "metanas.cli", *args, f"hydra.run.dir={run_dir}"],
+                                 cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        seen, last, deadline = 0, _writes(ckpt(run_dir)), time.monotonic() + 300
+        while child.poll() is None and time.monotonic() < deadline:
+            now = _writes(ckpt(run_dir))
+            if now != last:
+                seen, last = seen + 1, now
+            if seen >= wait_writes:
+                if not mid_write:
+                    time.sleep(delay)
+                    break
+                if [p for p in ckpt(run_dir).parent.glob(".*.tmp")]:
+                    break
+            time.sleep(0.0005 if seen >= wait_writes else 0.01)
+        if child.poll() is not None:  # finished before the kill
+            assert child.returncode == 0, child.stderr.read().decode()[-3000:]
+            child.stderr.close()
+            break
+        child.send_signal(signal.SIGKILL)
+        assert child.wait() == -signal.SIGKILL
+        child.stderr.close()
+        left = _temporaries(run_dir)
+        during_write += any(p.name.endswith(".tmp") and ".ckpt." in p.name for p in left)
+        for name in (rundir.LAST_CKPT, rundir.BEST_CKPT):  # every checkpoint left behind loads
+            if ckpt(run_dir, name).exists():
+                kills.append((attempt, name, load_checkpoint(ckpt(run_dir, name))["step"]))
+    print(f"checkpoints after each kill (attempt, file, step): {kills}; kills inside a write: {during_write}")
+    assert kills, "no kill landed"
+    assert during_write >= 1, f"no kill landed inside a checkpoint write ({kills})"
+
+    final = run_cli(*args, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert not _temporaries(run_dir)  # the leftovers of the killed writes are gone
+    for name in (rundir.LAST_CKPT, rundir.BEST_CKPT):
+        _assert_identical(_comparable(load_checkpoint(ckpt(straight, name))),
+                          _comparable(load_checkpoint(ckpt(run_dir, name))), name)
+    a, b = (json.loads((d / rundir.METRICS).read_text()) for d in (straight, run_dir))
+    assert (a["accuracy"], a["val_accuracy"], a["best_step"]) == (b["accuracy"], b["val_accuracy"], b["best_step"])
