@@ -8,6 +8,11 @@ a run resumed from its last checkpoint continues exactly as if it had never stop
 Into ``run_dir`` (file names: :mod:`metanas.rundir`) go ``checkpoints/last.ckpt`` (the full
 state, every ``ckpt_every`` meta-steps and at the end), ``checkpoints/best.ckpt`` (the state
 with the best meta-validation accuracy so far) and the logs of :mod:`metanas.logger`.
+Temporary files that killed writes left there are removed when a trainer is created.
+
+A meta-step whose losses or meta-gradients are not finite, or whose update makes a
+meta-parameter non-finite, stops the run with a :class:`~metanas.errors.ConfigError` naming the step and the learning
+rates; no checkpoint is written from a non-finite state, so both keep the last finite one.
 
 With several processes (:mod:`metanas.distributed`) every process draws the same meta-batch
 from the same generator and adapts its share of it; the meta-gradients are averaged over all
@@ -19,6 +24,7 @@ a run can be resumed with a different one.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 import warnings
@@ -40,10 +46,11 @@ from .algorithms import MetaAlgorithm
 from .algorithms.base import MetaGradients
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DistContext
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .evaluate import EvalResult, evaluate
 from .functional import weights_of
 from .inner import InnerLoopConfig
+from .io import remove_stale_temporaries
 from .logger import RunLogger
 from .engines import TaskPool, default_workers
 from .search_space import SearchSpaceConfig, architecture_stats, op_weights
@@ -134,6 +141,23 @@ def _config_differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: 
         elif a != b:
             out.append(f"{name}: {a!r} -> {b!r}")
     return out
+
+
+_IMPLEMENTATION_FLAGS = frozenset(
+    {"params", "foreach", "maximize", "capturable", "differentiable", "fused", "decoupled_weight_decay"}
+)
+"""Param-group keys that torch optimisers share or added over releases: not the algorithm's."""
+
+
+def _class_name(obj: object | None) -> str | None:
+    """``module.qualname`` of ``obj``'s class (None for None)."""
+    return None if obj is None else f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _all_finite(tensors: Iterable[Tensor]) -> bool:
+    """Whether every value of every tensor is finite, with a single synchronisation."""
+    flags = [t.detach().isfinite().all() for t in tensors]
+    return not flags or bool(torch.stack(flags).all())
 
 
 def _apply(
@@ -240,7 +264,25 @@ class MetaTrainer:
         self.best: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
         self.logger = logger or RunLogger(self.run_dir, enabled=self.dist.is_main)
+        self.remove_stale_temporaries()
         self._sync_parameters()
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete the temporary files of killed writes in the run dir and its checkpoint
+        folder (rank 0 only: the folders' single writer); each removal is logged.
+
+        Returns:
+            The removed files.
+        """
+        if not self.dist.is_main:
+            return []
+        checkpoints = rundir.checkpoint_path(self.run_dir).parent
+        removed = [p for folder in (self.run_dir, checkpoints) if folder.is_dir()
+                   for p in remove_stale_temporaries(folder)]
+        if removed:
+            log.info("removed %d temporary file(s) left by interrupted writes: %s",
+                     len(removed), ", ".join(str(p) for p in removed))
+        return removed
 
     def close(self) -> None:
         """Stop the task threads and close the logger."""
@@ -281,6 +323,8 @@ class MetaTrainer:
             "alphas": {k: v.detach().cpu() for k, v in self.alphas.items()},
             "opt_weights": self.opt_weights.state_dict(),
             "opt_alphas": self.opt_alphas.state_dict() if self.opt_alphas is not None else None,
+            "optimizer_classes": {"weights": _class_name(self.opt_weights),
+                                  "alphas": _class_name(self.opt_alphas)},
             "rng_tasks": self.rng.bit_generator.state,
             "rng_torch": torch.get_rng_state(),
             "train_time": self.train_time,
@@ -289,8 +333,54 @@ class MetaTrainer:
             "config": self.config,
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a state written by :meth:`state_dict` (the search space must match)."""
+    def _check_meta_optimizers(self, state: Mapping[str, Any], source: str) -> None:
+        """Refuse a state whose meta-optimisers are not of this trainer's classes.
+
+        States that record no class names (written before they were) are compared by the
+        keys of their param groups: another optimiser has other hyper-parameters.
+
+        Raises:
+            CheckpointError: the optimiser classes (or their settings) differ.
+        """
+        ours = {"weights": self.opt_weights, "alphas": self.opt_alphas}
+        saved = {"weights": state.get("opt_weights"), "alphas": state.get("opt_alphas")}
+        classes = state.get("optimizer_classes")
+        fix = ("resume with the meta-optimisers it was trained with (optim=adam or optim=sgd, "
+               "or optim.weights._target_=... and optim.alphas._target_=...) or start a new run without resume")
+        if isinstance(classes, Mapping):
+            differ = [k for k, o in ours.items()
+                      if o is not None and classes.get(k) is not None and classes[k] != _class_name(o)]
+            if differ:
+                raise CheckpointError(
+                    f"{source} holds meta-optimiser states of {classes.get('weights')} (weights) and "
+                    f"{classes.get('alphas')} (alphas), this run asks for {_class_name(self.opt_weights)} "
+                    f"(weights) and {_class_name(self.opt_alphas)} (alphas); {fix}"
+                )
+            return
+        for kind, opt in ours.items():
+            groups = saved[kind].get("param_groups") if isinstance(saved[kind], Mapping) else None
+            if opt is None or not groups:
+                continue
+            theirs = set(groups[0]) - _IMPLEMENTATION_FLAGS - {"initial_lr"}
+            wanted = set(opt.param_groups[0]) - _IMPLEMENTATION_FLAGS - {"initial_lr"}
+            if theirs != wanted:
+                raise CheckpointError(
+                    f"{source} (which records no optimiser class) holds a {kind} meta-optimiser "
+                    f"state with settings {sorted(theirs)}, not those of the {_class_name(opt)} this "
+                    f"run asks for ({sorted(wanted)}): it was trained with another meta-optimiser; {fix}"
+                )
+
+    def load_state_dict(self, state: Mapping[str, Any], source: str = "the state") -> None:
+        """Restore a state written by :meth:`state_dict` (the search space must match).
+
+        Args:
+            state: the state.
+            source: what it came from, for error messages (e.g. ``checkpoint <path>``).
+
+        Raises:
+            CheckpointError: it holds the states of other meta-optimiser classes.
+        """
+        self._check_meta_optimizers(state, source)
         with torch.no_grad():
             for name, p in self.weights.items():
                 p.copy_(state["weights"][name])
@@ -314,7 +404,7 @@ class MetaTrainer:
         as a warning: the run then continues, but not as the original run would have.
         """
         state = load_checkpoint(path, self.search_space.to_dict(), self.device)
-        self.load_state_dict(state)
+        self.load_state_dict(state, source=f"checkpoint {path}")
         self._sync_parameters()
         changed = _config_differences(state.get("config") or {}, self.config)
         if changed:
@@ -322,11 +412,30 @@ class MetaTrainer:
         log.info("resumed from %s at meta-step %d", path, self.step)
 
     def save(self, name: str = rundir.LAST_CKPT) -> Path:
-        """Write the full state atomically to ``run_dir/checkpoints/<name>`` (rank 0 only)."""
+        """Write the full state atomically to ``run_dir/checkpoints/<name>`` (rank 0 only).
+
+        Raises:
+            ConfigError: a meta-parameter is not finite (the file is left as it was).
+        """
         path = rundir.checkpoint_path(self.run_dir, name)
         if self.dist.is_main:
+            if not _all_finite([*self.weights.values(), *self.alphas.values()]):
+                raise self._diverged(f"the meta-parameters are not finite; {name} is not overwritten")
             save_checkpoint(path, self.state_dict())
         return path
+
+    def _diverged(self, what: str, step: int | None = None) -> ConfigError:
+        """The one-line error of a run that diverged at ``step`` (default: the current one)."""
+        meta_lrs = [o.param_groups[0].get("initial_lr", o.param_groups[0]["lr"]) if o is not None
+                    else None for o in (self.opt_weights, self.opt_alphas)]
+        lrs = (f"inner.lr_weights={self.inner.lr_weights:g}, inner.lr_alphas={self.inner.lr_alphas:g}, "
+               f"optim.weights.lr={meta_lrs[0]:g}"
+               + (f", optim.alphas.lr={meta_lrs[1]:g}" if meta_lrs[1] is not None else ""))
+        return ConfigError(
+            f"meta-training diverged at meta-step {self.step if step is None else step}: {what}; "
+            f"a learning rate is likely too high: lower one of {lrs}, then resume=auto (the checkpoints hold the "
+            "last finite state) or start a new run"
+        )
 
     def _write_log(self) -> None:
         self.logger.write(self.history)
@@ -352,9 +461,26 @@ class MetaTrainer:
         )
         if self.dist.enabled:
             grads = self._average_over_processes(grads, len(tasks))
+        losses = {"query loss of the adapted models": grads.query_loss}
+        if self.inner.steps > 0:  # without inner steps there is no support loss (NaN)
+            losses["support loss of the meta-parameters"] = grads.support_loss
+        for what, value in losses.items():
+            if not math.isfinite(value):  # the meta-parameters are not updated from it
+                raise self._diverged(f"the {what} is {value}", self.step + 1)
+        parts = {"meta-weights": grads.weights, "meta-alphas": grads.alphas or {}}
+        if not _all_finite([g for part in parts.values() for g in part.values()]):
+            bad = [kind for kind, part in parts.items() if not _all_finite(part.values())]
+            raise self._diverged(f"the meta-gradient of the {' and '.join(bad)} is not finite "
+                                 "(with finite losses)", self.step + 1)
         _apply(self.opt_weights, self.weights, grads.weights)
+        updated = list(self.weights.values())
         if grads.alphas is not None and self.opt_alphas is not None:
             _apply(self.opt_alphas, self.alphas, grads.alphas)
+            updated += self.alphas.values()
+        if not _all_finite(updated):
+            bad = [kind for kind, ps in (("meta-weights", self.weights), ("meta-alphas", self.alphas))
+                   if ps and not _all_finite(ps.values())]
+            raise self._diverged(f"the meta-update made the {' and '.join(bad)} non-finite", self.step + 1)
         row = {
             "step": float(self.step + 1),
             "support_loss": grads.support_loss,
