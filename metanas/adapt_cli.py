@@ -31,6 +31,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from metanas.tasks import ImageFolderTasks, check_sampler
+from metanas.tasks.core import check_int
 from metanas.tasks.image_folder import (
     is_image_file,
     load_image_folder,
@@ -78,6 +79,37 @@ class _Pixels:
         c = (-1, 1, 1)
         x = (x * self.scale.reshape(c) - self.shift.reshape(c)) / self.std.reshape(c)
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
+
+
+def _check_settings(cfg: DictConfig) -> None:
+    """Type and range of every count and switch of ``conf/adapt.yaml``, before anything loads.
+
+    Raises:
+        ConfigError: naming the setting, its value and what is allowed.
+    """
+    def count(key: str, lowest: int, null: str | None = None) -> None:
+        value = OmegaConf.select(cfg, key)
+        if value is None and null is not None:
+            return
+        check_int(key, value, lowest,
+                  fix=f"set {key} to a whole number >= {lowest}" + (f" (or null: {null})" if null else ""))
+
+    count("k_shot", 1, "every support image; 1 shot with data=")
+    count("q_query", 1)
+    count("n_tasks", 1)
+    count("finetune_steps", 0)
+    count("image_size", 1, "the checkpoint's size")
+    count("seed", 0)
+    count("inner.steps", 0, "the checkpoint's")
+    for key in ("inner.lr_weights", "inner.lr_alphas"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+            raise ConfigError(f"{key}={value!r} is not a number >= 0; set {key} to a learning rate "
+                              "such as 0.1 (or null: the checkpoint's)")
+    for key in ("export", "invert"):
+        value = cfg.get(key)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} is not a boolean; set {key}=true or {key}=false")
 
 
 def _load_model(cfg: DictConfig, device: torch.device) -> MetaModel:
@@ -255,6 +287,7 @@ def adapt_command(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[st
         MetaNASError: bad input (nothing is written then).
     """
     out = Path(out_dir) if out_dir is not None else output_dir(cfg.out)
+    _check_settings(cfg)
     device = resolve_device(cfg.device)
     model = _load_model(cfg, device)
     if cfg.support is not None:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metanas.tasks import Split, TaskSampler
+from metanas.tasks.core import check_int
 
 from .checkpoint import load_checkpoint
 from .errors import CheckpointError, ConfigError
@@ -223,8 +224,7 @@ def adapt_support(
     Returns:
         The :class:`AdaptedTask`.
     """
-    if finetune_steps < 0:
-        raise ConfigError(f"finetune_steps={finetune_steps} must be 0 or more")
+    check_int("finetune_steps", finetune_steps, 0, fix="set finetune_steps to a whole number >= 0")
     adapted = adapt(model.net, model.weights, model.alphas, support_x, support_y, model.inner)
     genotype = derive_genotype(adapted.alphas, model.space, temperature=adapted.temperature)
     return discretise(model, adapted, genotype, support_x, support_y, finetune_steps)
@@ -236,6 +236,7 @@ def discretise(
 ) -> AdaptedTask:
     """The task's discrete network for ``genotype``, inheriting the adapted supernet weights,
     optionally fine-tuned for ``finetune_steps`` SGD steps on the support set."""
+    check_int("finetune_steps", finetune_steps, 0, fix="set finetune_steps to a whole number >= 0")
     discrete = DiscreteNetwork.from_supernet(genotype, model.space, adapted.weights)
     if finetune_steps:
         opt = torch.optim.SGD(discrete.parameters(), lr=model.inner.lr_weights)

@@ -34,6 +34,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from metanas.tasks import check_sampler
+from metanas.tasks.core import check_int
 
 from . import rundir
 from .io import resolve_device
@@ -61,7 +62,7 @@ def _resume_path(resume: str | None, run_dir: Path) -> Path | None:
 def build_trainer(cfg: DictConfig, run_dir: Path, dist: DistContext | None = None) -> MetaTrainer:
     """Instantiate sampler, supernet, alphas, algorithm and optimisers from a config."""
     dist = dist or DistContext()
-    seed = int(cfg.seed)
+    seed = check_int("seed", cfg.seed, 0, fix="set seed to an integer >= 0")
     device = resolve_device(cfg.device)
     if dist.enabled and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", dist.local_rank)  # one GPU per process

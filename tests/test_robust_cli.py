@@ -95,3 +95,107 @@ def test_json_files_are_valid_json_without_nan(tmp_path):
             "rows": [{"a": None}]}
     rundir.write(tmp_path, {rundir.METRICS: content})
     assert rundir.read(tmp_path, rundir.METRICS)["accuracy"] is None
+
+
+# ------------------------------------------------------------------ 5: metanas-adapt counts
+@pytest.mark.parametrize(("overrides", "match"), [
+    ({"k_shot": 0}, r"^k_shot=0 is not an integer >= 1; set k_shot to a whole number >= 1 \(or null"),
+    ({"k_shot": -1}, r"^k_shot=-1 is not an integer >= 1"),
+    ({"k_shot": 1.5}, r"^k_shot=1.5 is not an integer >= 1"),
+    ({"k_shot": "true"}, r"^k_shot=True is not an integer >= 1"),
+    ({"q_query": 0}, r"^q_query=0 is not an integer >= 1"),
+    ({"n_tasks": 0}, r"^n_tasks=0 is not an integer >= 1"),
+    ({"n_tasks": "abc"}, r"^n_tasks='abc' is not an integer >= 1"),
+    ({"finetune_steps": -1}, r"^finetune_steps=-1 is not an integer >= 0"),
+    ({"finetune_steps": 2.5}, r"^finetune_steps=2.5 is not an integer >= 0"),
+    ({"image_size": 0}, r"^image_size=0 is not an integer >= 1; .* \(or null: the checkpoint's size\)"),
+    ({"seed": -3}, r"^seed=-3 is not an integer >= 0"),
+    ({"inner.steps": 1.5}, r"^inner.steps=1.5 is not an integer >= 0"),
+    ({"inner.lr_weights": "fast"}, r"^inner.lr_weights='fast' is not a number >= 0"),
+    ({"export": "maybe"}, r"^export='maybe' is not a boolean; set export=true or export=false"),
+])
+def test_adapt_settings_are_checked_before_anything_runs(ckpt, folders, tmp_path, overrides, match):
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=match):
+        adapt_command(_adapt_cfg(checkpoint=ckpt, support=folders / "support", **overrides), out)
+    assert not _written(out)
+
+
+def test_adapt_k_shot_zero_exits_2_through_the_cli_and_writes_nothing(ckpt, folders, tmp_path):
+    out = tmp_path / "run"
+    proc = _run([f"checkpoint={ckpt}", f"support={folders / 'support'}", "k_shot=0", f"out={out}"],
+                tmp_path, prog="metanas-adapt")
+    assert proc.returncode == 2
+    assert _one_error_line(proc, "metanas-adapt").startswith("k_shot=0 is not an integer >= 1")
+    assert not _written(out) & RESULTS
+
+
+# ------------------------------------------------------------------ 9: integer counts, both CLIs
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"meta_steps": 2.5}, r"^trainer.meta_steps=2.5 is not an integer >= 0; set trainer.meta_steps"),
+    ({"meta_steps": "abc"}, r"^trainer.meta_steps='abc' is not an integer >= 0"),
+    ({"meta_steps": -1}, r"^trainer.meta_steps=-1 is not an integer >= 0"),
+    ({"meta_batch_size": True}, r"^trainer.meta_batch_size=True is not an integer >= 1"),
+    ({"meta_batch_size": 0}, r"^trainer.meta_batch_size=0 is not an integer >= 1"),
+    ({"alpha_warmup_steps": 1.0}, r"^trainer.alpha_warmup_steps=1.0 is not an integer >= 0"),
+    ({"val_every": "10"}, r"^trainer.val_every='10' is not an integer >= 0"),
+    ({"n_val_tasks": 0.5}, r"^trainer.n_val_tasks=0.5 is not an integer >= 1"),
+    ({"ckpt_every": None}, r"^trainer.ckpt_every=None is not an integer >= 0"),
+    ({"log_every": 0}, r"^trainer.log_every=0 is not an integer >= 1"),
+    ({"n_test_tasks": 1e3}, r"^trainer.n_test_tasks=1000.0 is not an integer >= 1"),
+    ({"test_inner_steps": 2.5}, r"^trainer.test_inner_steps=2.5 is not an integer >= 0; .*\(or null"),
+    ({"task_workers": False}, r"^trainer.task_workers=False is not an integer >= 0"),
+])
+def test_trainer_counts_must_be_integers_in_range(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        TrainerConfig(**kwargs)
+
+
+def test_good_counts_pass_as_they_are():
+    cfg = TrainerConfig(meta_steps=np.int64(3), test_inner_steps=None, task_workers=0)
+    assert cfg.meta_steps == 3 and cfg.test_inner_steps is None
+    assert InnerLoopConfig(steps=0, shuffle_seed=np.int32(2)).steps == 0
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"steps": 2.5}, r"^inner.steps=2.5 is not an integer >= 0; set inner.steps"),
+    ({"steps": "abc"}, r"^inner.steps='abc' is not an integer >= 0"),
+    ({"steps": True}, r"^inner.steps=True is not an integer >= 0"),
+    ({"steps": -1}, r"^inner.steps=-1 is not an integer >= 0"),
+    ({"shuffle_seed": 0.5}, r"^inner.shuffle_seed=0.5 is not an integer >= 0"),
+])
+def test_inner_steps_must_be_an_integer(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        InnerLoopConfig(**kwargs)
+
+
+@pytest.mark.parametrize(("override", "match"), [
+    ("seed=abc", r"^seed='abc' is not an integer >= 0; set seed to an integer >= 0"),
+    ("seed=1.5", r"^seed=1.5 is not an integer >= 0"),
+    ("inner.steps=2.5", r"^inner.steps=2.5 is not an integer >= 0"),
+    ("trainer.meta_steps=abc", r"^trainer.meta_steps='abc' is not an integer >= 0"),
+])
+def test_train_config_counts_are_checked_when_building(override, match, tmp_path):
+    with pytest.raises(ConfigError, match=match):
+        build_trainer(_train_cfg("experiment=smoke", "device=cpu", override), tmp_path / "run")
+    assert not _written(tmp_path / "run")
+
+
+def test_train_non_integer_meta_steps_exits_2_without_results(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _run(["metanas.cli", "experiment=smoke", "device=cpu", "trainer.meta_steps=2.5",
+                 f"hydra.run.dir={run_dir}"], tmp_path)
+    assert proc.returncode == 2
+    message = _one_error_line(proc, "metanas-train")
+    assert message == "trainer.meta_steps=2.5 is not an integer >= 0; set trainer.meta_steps to a whole number >= 0"
+    assert _written(run_dir) <= TRAIN_BOOKKEEPING
+    assert json.loads((run_dir / rundir.STATUS).read_text())["status"] == "failed"
+
+
+def test_adapt_non_integer_finetune_steps_exits_2(ckpt, folders, tmp_path):
+    out = tmp_path / "run"
+    proc = _run(["metanas.adapt_cli", f"checkpoint={ckpt}", f"support={folders / 'support'}",
+                 "finetune_steps=2.5", f"out={out}"], tmp_path)
+    assert proc.returncode == 2
+    assert _one_error_line(proc, "metanas-adapt").startswith("finetune_steps=2.5 is not an integer >= 0")
+    assert not _written(out) & RESULTS

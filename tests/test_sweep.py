@@ -37,7 +37,7 @@ def test_sweep_with_an_invalid_value_runs_the_others_and_is_summarised(tmp_path)
     assert jobs == ["0", "1", "2", "3"]
     status = {j: json.loads((sweep / j / "status.json").read_text()) for j in jobs}
     assert [status[j]["status"] for j in jobs] == ["ok", "failed", "ok", "failed"]
-    assert "inner.steps=-1 is negative" in status["1"]["error"]
+    assert "inner.steps=-1 is not an integer >= 0" in status["1"]["error"]
     for j in ("0", "2"):
         metrics = json.loads((sweep / j / "metrics.json").read_text())
         assert metrics["n_tasks"] == 4 and (sweep / j / "learning_curves.png").is_file()
@@ -51,7 +51,7 @@ def test_sweep_with_an_invalid_value_runs_the_others_and_is_summarised(tmp_path)
     assert report.returncode == 0, report.stderr
     out = report.stdout
     assert "| job | status | seed | inner.steps |" in out
-    assert "| 1 | failed | 0 | -1 |" in out and "inner.steps=-1 is negative" in out
+    assert "| 1 | failed | 0 | -1 |" in out and "inner.steps=-1 is not an integer >= 0" in out
     assert "4 runs: 2 failed, 2 ok" in out
     with (sweep / "summary.csv").open() as f:
         table = list(csv.DictReader(f))
