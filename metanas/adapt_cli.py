@@ -34,6 +34,7 @@ from metanas.tasks import ImageFolderTasks, check_sampler
 from metanas.tasks.core import check_int
 from metanas.tasks.image_folder import (
     is_image_file,
+    list_class_folders,
     load_image_folder,
     load_images,
     pixel_normalisation,
@@ -127,7 +128,10 @@ def _image_size(cfg: DictConfig, model: MetaModel) -> int:
 def _support(cfg: DictConfig, model: MetaModel, size: int):
     channels = model.space.in_channels
     data = load_image_folder(cfg.support, size, channels, cache=False, what="support folder")
-    check_fits(model, (channels, size, size), len(data.class_names), f"support folder {cfg.support}")
+    n = model.space.n_classes
+    check_fits(model, (channels, size, size), len(data.class_names), f"support folder {cfg.support}",
+               fixes={"n_way": f"give the support folder {n} class sub-folders (one per class)",
+                      "image_size": f"set image_size={model.image_size} (or null: the checkpoint's size)"})
     rows = data.rows_of()
     if cfg.k_shot is not None:
         k = int(cfg.k_shot)
@@ -235,11 +239,34 @@ def _mode_support(cfg: DictConfig, model: MetaModel, device: torch.device) -> tu
 
 
 # ----------------------------------------------------------------------------- mode B
+def _sampled_fixes(cfg: DictConfig, model: MetaModel) -> dict[str, str]:
+    """How to fix a sampler that does not fit the checkpoint, naming only settings there are:
+    with data=, the command's image_size (channels and ways come from the checkpoint); with
+    task=, the sampler config's own keys where it has them."""
+    if cfg.data is not None:
+        return {"image_size": f"set image_size={model.image_size} (or null: the checkpoint's size)"}
+    wanted = {"channels": model.space.in_channels, "n_way": model.space.n_classes,
+              "image_size": model.image_size}
+    generic = {"channels": f"make the task sampler give {wanted['channels']}-channel images",
+               "n_way": f"make the task sampler give {wanted['n_way']}-way tasks",
+               "image_size": f"make the task sampler give {wanted['image_size']}x{wanted['image_size']} images"}
+    task = cfg.get("task") or {}
+    return {k: f"set task.{k}={wanted[k]}" if k in task else generic[k] for k in wanted}
+
+
 def _mode_sampled(cfg: DictConfig, model: MetaModel, device: torch.device) -> tuple[dict, dict[str, Any]]:
     if cfg.get("task") is not None and cfg.data is not None:
         raise ConfigError("give either data=<image folder> or task=<sampler config>, not both")
     if cfg.data is not None:
         size = _image_size(cfg, model)
+        n, found = model.space.n_classes, len(list_class_folders(cfg.data, "image folder"))
+        if found < n:
+            other = f", or use a checkpoint meta-trained for {found}-way tasks" if found >= 2 else ""
+            raise DataError(
+                f"image folder {cfg.data} has {found} class sub-folder{'s' if found != 1 else ''} but "
+                f"checkpoint {model.path} adapts to {n}-way tasks; give it at least {n} class "
+                f"sub-folders{other}"
+            )
         sampler = ImageFolderTasks(
             cfg.data, n_way=model.space.n_classes, k_shot=int(cfg.k_shot or 1),
             q_query=int(cfg.q_query), image_size=size, channels=model.space.in_channels,
@@ -251,7 +278,7 @@ def _mode_sampled(cfg: DictConfig, model: MetaModel, device: torch.device) -> tu
     else:
         sampler = check_sampler(build(cfg.task, "the task sampler (task=...)"))
         split, what = str(cfg.split), f"task sampler {type(sampler).__name__}"
-    check_fits(model, tuple(sampler.input_shape), int(sampler.n_way), what)
+    check_fits(model, tuple(sampler.input_shape), int(sampler.n_way), what, _sampled_fixes(cfg, model))
     workers = default_workers(device)
     share_cores(workers, device)
     result = evaluate_tasks(model, sampler, split, int(cfg.n_tasks),

@@ -156,30 +156,46 @@ def load_meta_model(
     )
 
 
-def check_fits(model: MetaModel, input_shape: tuple[int, ...], n_way: int, what: str) -> None:
+def check_fits(
+    model: MetaModel, input_shape: tuple[int, ...], n_way: int, what: str,
+    fixes: Mapping[str, str] | None = None,
+) -> None:
     """Raise :class:`CheckpointError` unless images of ``input_shape`` and ``n_way`` fit.
 
     The supernet pools globally, so any image size would run, but a meta-model adapts well
     only at the size it was meta-trained on: a different size is refused too.
+
+    Args:
+        model: the meta-model.
+        input_shape: ``(C, H, W)`` of the data.
+        n_way: its number of classes.
+        what: how the message names the data (e.g. ``"support folder x"``).
+        fixes: what the caller's user changes for a mismatch of ``"channels"``, ``"n_way"``
+            or ``"image_size"`` (phrases naming the caller's own settings); by default the
+            messages name no setting.
     """
+    fixes = dict(fixes or {})
     c, h, w = input_shape
     name = model.path
-    if c != model.space.in_channels:
+    want_c, want_n, size = model.space.in_channels, model.space.n_classes, model.image_size
+    if c != want_c:
+        fix = fixes.get("channels", f"give {want_c}-channel images")
         raise CheckpointError(
-            f"checkpoint {name} takes {model.space.in_channels}-channel images but {what} "
-            f"gives {c}-channel ones; set channels={model.space.in_channels} (image folders are "
-            "converted) or use a checkpoint meta-trained on such images"
+            f"checkpoint {name} takes {want_c}-channel images but {what} gives {c}-channel "
+            f"ones; {fix}, or use a checkpoint meta-trained on {c}-channel images"
         )
-    if n_way != model.space.n_classes:
+    if n_way != want_n:
+        fix = fixes.get("n_way", f"give {want_n} classes")
+        other = f", or use a checkpoint meta-trained for {n_way}-way tasks" if n_way >= 2 else ""
         raise CheckpointError(
-            f"checkpoint {name} was meta-trained for {model.space.n_classes}-way tasks but "
-            f"{what} has {n_way} classes; use {model.space.n_classes} classes (n_way="
-            f"{model.space.n_classes}) or a checkpoint meta-trained with n_way={n_way}"
+            f"checkpoint {name} was meta-trained for {want_n}-way tasks but {what} has "
+            f"{n_way} class{'es' if n_way != 1 else ''}; {fix}{other}"
         )
-    if model.image_size is not None and (h, w) != (model.image_size, model.image_size):
+    if size is not None and (h, w) != (size, size):
+        fix = fixes.get("image_size", f"give {size}x{size} images")
         raise CheckpointError(
-            f"checkpoint {name} was meta-trained on {model.image_size}x{model.image_size} "
-            f"images but {what} gives {h}x{w}; set image_size={model.image_size}"
+            f"checkpoint {name} was meta-trained on {size}x{size} images but {what} gives "
+            f"{h}x{w}; {fix}"
         )
 
 

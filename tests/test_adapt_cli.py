@@ -201,7 +201,8 @@ def test_custom_sampler_through_task_target(ckpt, custom, tmp_path):
         ({"+task._target_": "my_samplers.Blobs", "+task.channels": 3}, CheckpointError,
          "takes 1-channel images but task sampler Blobs gives 3-channel"),
         ({"+task._target_": "my_samplers.Blobs", "+task.n_way": 4}, CheckpointError, "meta-trained for 3-way"),
-        ({"+task._target_": "my_samplers.Blobs", "+task.size": 20}, CheckpointError, "set image_size=16"),
+        ({"+task._target_": "my_samplers.Blobs", "+task.size": 20}, CheckpointError,
+         "make the task sampler give 16x16 images"),
     ],
 )
 def test_bad_sampler_or_mismatched_checkpoint(ckpt, custom, tmp_path, overrides, error, match):

@@ -199,3 +199,89 @@ def test_adapt_non_integer_finetune_steps_exits_2(ckpt, folders, tmp_path):
     assert proc.returncode == 2
     assert _one_error_line(proc, "metanas-adapt").startswith("finetune_steps=2.5 is not an integer >= 0")
     assert not _written(out) & RESULTS
+
+
+# ------------------------------------------------------------------ 11: hints name real settings
+def _copy_classes(folders, tmp_path, name, keep):
+    dst = tmp_path / name
+    for c in sorted(p.name for p in (folders / "all").iterdir() if not p.name.startswith("."))[:keep]:
+        shutil.copytree(folders / "support" / c, dst / c)
+    return dst
+
+
+@pytest.mark.parametrize("keep", [1, 2])
+def test_support_folder_with_too_few_classes_names_the_sub_folders(ckpt, folders, tmp_path, keep):
+    support = _copy_classes(folders, tmp_path, "support", keep)
+    with pytest.raises(CheckpointError) as info:
+        adapt_command(_adapt_cfg(checkpoint=ckpt, support=support), tmp_path / "out")
+    message = str(info.value)
+    assert f"has {keep} class" in message and "give the support folder 3 class sub-folders" in message
+    assert "n_way" not in message
+    assert ("meta-trained for 2-way tasks" in message) == (keep == 2)  # never "1-way"
+    assert not _written(tmp_path / "out")
+
+
+def test_data_folder_with_too_few_classes_names_no_split_fractions(ckpt, folders, tmp_path):
+    data = tmp_path / "data"
+    for c in sorted(p.name for p in (folders / "all").iterdir() if not p.name.startswith("."))[:2]:
+        shutil.copytree(folders / "all" / c, data / c)
+    with pytest.raises(DataError) as info:
+        adapt_command(_adapt_cfg(checkpoint=ckpt, data=data, n_tasks=2), tmp_path / "out")
+    message = str(info.value)
+    assert "has 2 class sub-folders" in message and "give it at least 3 class sub-folders" in message
+    assert "split_fractions" not in message and "n_way" not in message
+    assert not _written(tmp_path / "out")
+
+
+@pytest.fixture
+def custom(tmp_path, monkeypatch):
+    (tmp_path / "my_samplers.py").write_text(SAMPLERS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.parametrize(("overrides", "hint"), [
+    ({"+task.n_way": 4}, "set task.n_way=3"),
+    ({"+task.channels": 3}, "set task.channels=1"),
+    ({"+task.size": 20}, "make the task sampler give 16x16 images"),  # it has no task.image_size
+])
+def test_sampler_mismatch_names_the_task_settings_it_has(ckpt, custom, tmp_path, overrides, hint):
+    cfg = _adapt_cfg(checkpoint=ckpt, n_tasks=2, **{"+task._target_": "my_samplers.Blobs"}, **overrides)
+    with pytest.raises(CheckpointError) as info:
+        adapt_command(cfg, tmp_path / "out")
+    message = str(info.value)
+    assert hint in message and "image_size=" not in message and "n_way=4" not in message
+    assert " channels=" not in message
+
+
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG that declares ``width x height`` grey pixels (and holds almost none)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0"))
+                     + chunk(b"IEND", b""))
+
+
+def test_a_huge_image_is_called_too_large_with_its_size_and_the_limit(ckpt, folders, tmp_path):
+    support = tmp_path / "support"
+    shutil.copytree(folders / "support", support)
+    victim = min(support.rglob("*.png"))
+    _png_header_only(victim, 14000, 14000)  # 196 megapixels
+    with pytest.raises(DataError) as info:
+        adapt_command(_adapt_cfg(checkpoint=ckpt, support=support), tmp_path / "out")
+    message = str(info.value)
+    assert f"image {victim} is too large: 196,000,000 pixels (196 megapixels)" in message
+    assert "over Pillow's limit of 178,956,970 pixels" in message and "downscale it" in message
+    assert "truncated" not in message and "corrupt" not in message
+    assert not _written(tmp_path / "out")
+
+
+def test_adapt_support_class_mismatch_exits_2_through_the_cli(ckpt, folders, tmp_path):
+    support = _copy_classes(folders, tmp_path, "support", 1)
+    out = tmp_path / "run"
+    proc = _run(["metanas.adapt_cli", f"checkpoint={ckpt}", f"support={support}", f"out={out}"], tmp_path)
+    assert proc.returncode == 2
+    message = _one_error_line(proc, "metanas-adapt")
+    assert "give the support folder 3 class sub-folders" in message and "n_way" not in message
+    assert not _written(out) & RESULTS
