@@ -285,3 +285,33 @@ def test_adapt_support_class_mismatch_exits_2_through_the_cli(ckpt, folders, tmp
     message = _one_error_line(proc, "metanas-adapt")
     assert "give the support folder 3 class sub-folders" in message and "n_way" not in message
     assert not _written(out) & RESULTS
+
+
+# ------------------------------------------------------------------ 12: progress lines in the log
+def test_evaluation_without_a_bar_logs_progress_every_10_percent(tiny, caplog):
+    net, weights, alphas, space = tiny
+    net = net.float()
+    weights = {k: v.float() for k, v in weights.items()}
+    alphas = {k: v.float() for k, v in alphas.items()}
+    caplog.set_level(logging.INFO, logger="metanas.evaluate")
+    result = evaluate(net, weights, alphas, RandomTasks(), "test", 20, InnerLoopConfig(steps=1), space,
+                      np.random.default_rng(0), pool=TaskPool(net, 1), compare_frozen=False)
+    lines = [r.getMessage() for r in caplog.records if r.name == "metanas.evaluate"]
+    assert len(lines) == 10, lines
+    for k, line in enumerate(lines, start=1):
+        done = 2 * k  # one worker: tasks in chunks of 2; a line every 2 tasks
+        running = 100 * np.mean(result.accuracies[:done])
+        assert line.startswith(f"meta-test: {done}/20 tasks ({10 * k}%) in ")
+        assert line.endswith(f" s, running accuracy {running:.2f} %")
+    caplog.clear()
+    evaluate(net, weights, alphas, RandomTasks(), "val", 4, InnerLoopConfig(steps=1), space,
+             np.random.default_rng(0), progress=True)
+    assert not [r for r in caplog.records if r.name == "metanas.evaluate"]  # the bar shows it
+
+
+def test_sampled_task_adaptation_logs_its_progress(ckpt, folders, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="metanas.evaluate")
+    adapt_command(_adapt_cfg(checkpoint=ckpt, data=folders / "all", n_tasks=3, q_query=2), tmp_path)
+    lines = [r.getMessage() for r in caplog.records if r.name == "metanas.evaluate"]
+    assert lines and lines[-1].startswith("meta-test: 3/3 tasks (100%) in ")
+    assert "running accuracy" in lines[-1]
