@@ -15,7 +15,8 @@ Two modes (``conf/adapt.yaml``):
   meta-architecture in ``genotype.json`` and ``cells.png``.
 
 Everything is computed before anything is written, and every file is written atomically; bad
-input ends with ``metanas-adapt: error: <what and how to fix it>`` and exit status 2.
+input (settings are checked first, Hydra's own configuration errors included) ends with
+``metanas-adapt: error: <what and how to fix it>`` and exit status 2.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from . import rundir
 from .io import resolve_device
 from .draw import draw_genotype
 from .errors import ConfigError, DataError, MetaNASError
-from .hydra_utils import build, output_dir
+from .hydra_utils import build, output_dir, run_console
 from .export import (
     StandaloneClassifier,
     count_parameters,
@@ -354,8 +355,10 @@ def _main(cfg: DictConfig) -> None:
 
 
 def adapt_entry() -> None:
-    """Console script ``metanas-adapt``."""
-    _main()
+    """Console script ``metanas-adapt`` (also ``python -m metanas.adapt_cli``); Hydra's own
+    configuration errors end as one-line errors with exit status 2 too
+    (:func:`metanas.hydra_utils.run_console`)."""
+    run_console(_main, "metanas-adapt", "adapt")
 
 
 __all__ = ["adapt_command", "adapt_entry"]

@@ -37,6 +37,7 @@ from metanas.engines import TaskPool
 from metanas.errors import CheckpointError, ConfigError, DataError
 from metanas.evaluate import evaluate
 from metanas.export import BatchStatNorm, StandaloneClassifier, load_torchscript
+from metanas.hydra_utils import config_problem
 from metanas.inner import InnerLoopConfig
 from metanas.search_space import DiscreteNetwork, derive_genotype
 from metanas.tasks import load_image_folder
@@ -315,3 +316,53 @@ def test_sampled_task_adaptation_logs_its_progress(ckpt, folders, tmp_path, capl
     lines = [r.getMessage() for r in caplog.records if r.name == "metanas.evaluate"]
     assert lines and lines[-1].startswith("meta-test: 3/3 tasks (100%) in ")
     assert "running accuracy" in lines[-1]
+
+
+# ------------------------------------------------------------------ 13: Hydra's errors exit 2
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["trainer.nope=1"], "trainer.nope is not a setting of metanas-train: check its spelling "
+                         "(metanas-train --cfg job lists every setting)"),
+    (["algorithm=nope"], "algorithm=nope is not an option of algorithm; use one of fomaml, maml, reptile"),
+    (["-m", "trainer.nope=1,2"], "trainer.nope is not a setting of metanas-train"),
+    (["-m", "seed=0,1", "algorithm=reptile,nope"], "algorithm=nope is not an option of algorithm"),
+    (["trainer.meta_steps=["], "cannot parse the override 'trainer.meta_steps=['"),
+    (["seed=0,1"], "Ambiguous value for argument 'seed=0,1'; 1. To use it as a list"),
+    (["~trainer.nope"], "Could not delete from config. 'trainer.nope' does not exist. Check its spelling"),
+])
+def test_hydra_configuration_errors_become_one_line(argv, expected):
+    problem = config_problem(argv, "train", "metanas-train")
+    assert problem is not None and problem.startswith(expected) and "\n" not in problem
+
+
+@pytest.mark.parametrize("argv", [
+    ["experiment=smoke"], ["-m", "seed=0,1", "algorithm=reptile,fomaml"], ["hparams_search=omniglot_optuna"],
+    ["-m", "inner.lr_weights=interval(0.01,0.5)"], ["--cfg", "job", "trainer.nope=1"], ["--help"],
+])
+def test_good_commands_and_show_commands_are_left_to_hydra(argv):
+    assert config_problem(argv, "train", "metanas-train") is None
+
+
+def test_adapt_unknown_key_is_one_line_too():
+    assert config_problem(["k_shots=1"], "adapt", "metanas-adapt") == (
+        "k_shots is not a setting of metanas-adapt: check its spelling (metanas-adapt --cfg job lists every "
+        "setting)")
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["trainer.nope=1"], "trainer.nope is not a setting of metanas-train"),
+    (["-m", "algorithm=reptile,nope"], "algorithm=nope is not an option of algorithm"),
+])
+def test_train_hydra_errors_exit_2_through_the_console_script(tmp_path, args, expected):
+    proc = _run([*args, "experiment=smoke", f"hydra.run.dir={tmp_path / 'r'}",
+                 f"hydra.sweep.dir={tmp_path / 's'}"], tmp_path, prog="metanas-train")
+    assert proc.returncode == 2
+    assert _one_error_line(proc, "metanas-train").startswith(expected)
+    assert not (tmp_path / "r").exists() and not (tmp_path / "s").exists()
+
+
+def test_adapt_hydra_error_exits_2_through_python_m(ckpt, tmp_path):
+    out = tmp_path / "run"
+    proc = _run(["metanas.adapt_cli", f"checkpoint={ckpt}", "nope=1", f"out={out}"], tmp_path)
+    assert proc.returncode == 2
+    assert _one_error_line(proc, "metanas-adapt").startswith("nope is not a setting of metanas-adapt")
+    assert not out.exists()
