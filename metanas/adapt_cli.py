@@ -9,6 +9,9 @@ Two modes (``conf/adapt.yaml``):
   the true class when the query folder has class sub-folders, in which case ``metrics.json``
   holds the accuracy with its 95% Wilson interval), ``model.pt`` (TorchScript), ``model.onnx``
   and ``model_info.json`` (parameters, FLOPs per image, input description, class names).
+  The exported model freezes its BatchNorm statistics at the support set's
+  (``export_norm=support``, the default; ``batch`` keeps batch statistics), and
+  ``predictions.csv`` holds its predictions, so a deployed model gives what the file shows.
 * **sampled tasks** (``data=<image folder>`` or ``task=<sampler config>``, ``n_tasks=N``):
   accuracy of the adapted supernet and of the discrete task networks, mean and 95% interval
   over the tasks, in ``metrics.json``; every task's genotype in ``task_genotypes.json``; the
@@ -56,6 +59,8 @@ from .draw import draw_genotype
 from .errors import ConfigError, DataError, MetaNASError
 from .hydra_utils import build, output_dir, run_console
 from .export import (
+    EXPORT_NORMS,
+    SUPPORT,
     StandaloneClassifier,
     count_parameters,
     flops_per_image,
@@ -81,6 +86,11 @@ class _Pixels:
         c = (-1, 1, 1)
         x = (x * self.scale.reshape(c) - self.shift.reshape(c)) / self.std.reshape(c)
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
+
+    @staticmethod
+    def unit(images: np.ndarray, device: torch.device) -> torch.Tensor:
+        """uint8 images -> float32 in [0, 1], as the exported model takes them."""
+        return torch.from_numpy(images.astype(np.float32) / np.float32(255)).to(device)
 
 
 def _check_settings(cfg: DictConfig) -> None:
@@ -112,6 +122,12 @@ def _check_settings(cfg: DictConfig) -> None:
         value = cfg.get(key)
         if not isinstance(value, bool):
             raise ConfigError(f"{key}={value!r} is not a boolean; set {key}=true or {key}=false")
+    if cfg.get("export_norm") not in EXPORT_NORMS:
+        raise ConfigError(
+            f"export_norm={cfg.get('export_norm')!r} is unknown; use export_norm=support (BatchNorm "
+            "statistics of the support set, frozen: each image classified on its own) or "
+            "export_norm=batch (statistics of each batch)"
+        )
 
 
 def _load_model(cfg: DictConfig, device: torch.device) -> MetaModel:
@@ -168,18 +184,35 @@ def _query(cfg: DictConfig, size: int, channels: int, class_names: tuple[str, ..
     return load_images(files, size, channels), None, [f.name for f in files]
 
 
-def _export(task: AdaptedTask, pixels: _Pixels, channels: int, size: int, class_names, cfg) -> dict[str, Any]:
-    model = StandaloneClassifier(
+def _exported_model(task: AdaptedTask, pixels: _Pixels, channels: int, support: torch.Tensor,
+                    norm: str) -> StandaloneClassifier:
+    """The model ``model.pt`` / ``model.onnx`` hold (on the support images' device): the task
+    network with the input normalisation, its BatchNorm statistics frozen at the support
+    set's (``norm="support"``) or taken from each batch (``"batch"``)."""
+    return StandaloneClassifier(
         task.discrete, channels, scale=pixels.scale.tolist(), shift=pixels.shift.tolist(),
-        std=pixels.std.tolist(),
-    ).cpu()
+        std=pixels.std.tolist(), support=support if norm == SUPPORT else None,
+    ).to(support.device)
+
+
+_NORM_NOTES = {
+    "support": "BatchNorm statistics of the {n} support images, frozen: every image is classified "
+               "on its own, whatever the batch",
+    "batch": "batch statistics: classify several images in one batch; a prediction depends on the batch",
+}
+
+
+def _export(model: StandaloneClassifier, task: AdaptedTask, pixels: _Pixels, channels: int, size: int,
+            class_names, n_support: int, cfg) -> dict[str, Any]:
+    model = model.cpu()
     example = torch.rand(4, channels, size, size, generator=torch.Generator().manual_seed(0))
     info = {
         "class_names": list(class_names),
         "input": {"shape": [channels, size, size], "range": [0.0, 1.0],
                   "normalisation": {"scale": pixels.scale.tolist(), "shift": pixels.shift.tolist(),
                                     "std": pixels.std.tolist()},
-                  "note": "batch statistics: classify several images in one batch"},
+                  "note": _NORM_NOTES[model.norm].format(n=n_support)},
+        "export_norm": model.norm,
         "genotype": task.genotype.to_dict(),
         "parameters": count_parameters(model),
         "flops_per_image": flops_per_image(model, example),
@@ -204,10 +237,12 @@ def _mode_support(cfg: DictConfig, model: MetaModel, device: torch.device) -> tu
     sx, sy = pixels(images, device), torch.from_numpy(labels).to(device)
     query = _query(cfg, size, channels, class_names) if cfg.query is not None else None
     task = adapt_support(model, sx, sy, int(cfg.finetune_steps))
+    exported = _exported_model(task, pixels, channels, pixels.unit(images, device), str(cfg.export_norm))
     metrics: dict[str, Any] = {
         "mode": "support", "checkpoint": str(model.path), "support": str(cfg.support),
         "class_names": list(class_names), "support_images": len(labels),
         "image_size": size, "inner_steps": model.inner.steps, "finetune_steps": int(cfg.finetune_steps),
+        "export_norm": exported.norm,
     }
     files: dict[str, Any] = {}
     with torch.no_grad():
@@ -215,7 +250,9 @@ def _mode_support(cfg: DictConfig, model: MetaModel, device: torch.device) -> tu
     if query is not None:
         q_images, q_labels, q_files = query
         qx = pixels(q_images, device)
-        probs = torch.softmax(task.discrete_logits(qx), -1).cpu()
+        # the predictions of the exported model (what a deployed model.pt / model.onnx gives)
+        with torch.no_grad():
+            probs = torch.softmax(exported(pixels.unit(q_images, device)), -1).cpu()
         pred = probs.argmax(-1).numpy()
         files[rundir.PREDICTIONS] = [
             {"file": f, "predicted": class_names[pred[i]],
@@ -226,13 +263,16 @@ def _mode_support(cfg: DictConfig, model: MetaModel, device: torch.device) -> tu
         metrics["query"] = str(cfg.query)
         metrics["query_images"] = len(q_files)
         if q_labels is not None:
+            # transductive (one batch of all query images, batch statistics): the task network
+            # and the adapted supernet; "exported": the exported model, as predictions.csv
+            dis_pred = task.discrete_logits(qx).argmax(-1).cpu().numpy()
             sup_pred = task.supernet_logits(model, qx).argmax(-1).cpu().numpy()
-            for name, p in (("discrete", pred), ("supernet", sup_pred)):
+            for name, p in (("exported", pred), ("discrete", dis_pred), ("supernet", sup_pred)):
                 acc, low, high = wilson_ci95(int((p == q_labels).sum()), len(q_labels))
                 metrics[name] = {"accuracy": acc, "ci95_low": low, "ci95_high": high,
                                  "ci95": (high - low) / 2, "interval": "wilson"}
-            metrics["accuracy"] = metrics["discrete"]["accuracy"]
-    files.update(_export(task, pixels, channels, size, class_names, cfg))
+            metrics["accuracy"] = metrics["exported"]["accuracy"]
+    files.update(_export(exported, task, pixels, channels, size, class_names, len(labels), cfg))
     metrics.update({k: files[rundir.MODEL_INFO][k] for k in ("parameters", "flops_per_image")})
     files[rundir.GENOTYPE] = task.genotype.to_dict()
     files[rundir.CELLS] = draw_genotype(task.genotype, title="task architecture")
@@ -336,6 +376,11 @@ def adapt_command(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[st
 
 
 def _summary(metrics: dict[str, Any], out: Path) -> str:
+    if "exported" in metrics:
+        e, d, s = metrics["exported"], metrics["discrete"], metrics["supernet"]
+        return (f"accuracy {100 * e['accuracy']:.2f} +- {100 * e['ci95']:.2f} % (exported model, "
+                f"export_norm={metrics['export_norm']}); in one batch: {100 * d['accuracy']:.2f} % (task "
+                f"network), {100 * s['accuracy']:.2f} % (adapted supernet); results in {out}")
     if "discrete" in metrics:
         d, s = metrics["discrete"], metrics["supernet"]
         return (f"accuracy {100 * d['accuracy']:.2f} +- {100 * d['ci95']:.2f} % (task network), "

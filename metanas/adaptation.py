@@ -10,7 +10,10 @@ supernet (the soft mixture of all ops) is evaluated alongside, so the cost of di
 visible.
 
 Both networks normalise with batch statistics: query images are classified in one batch
-(the transductive protocol of MAML and MetaNAS).
+(the transductive protocol of MAML and MetaNAS). The exported model
+(:class:`metanas.export.StandaloneClassifier` given the support images) freezes the discrete
+network's BatchNorm statistics at those of the support set instead, so that it classifies
+every image on its own.
 
 Confidence intervals: over query images of one task, the Wilson score interval of a binomial
 proportion (:func:`wilson_ci95`; better than the normal approximation near 0 or 1 and for few

@@ -36,7 +36,13 @@ from metanas.cli import build_trainer
 from metanas.engines import TaskPool
 from metanas.errors import CheckpointError, ConfigError, DataError
 from metanas.evaluate import evaluate
-from metanas.export import BatchStatNorm, StandaloneClassifier, load_torchscript
+from metanas.export import (
+    BatchStatNorm,
+    FrozenStatNorm,
+    StandaloneClassifier,
+    freeze_batch_norms,
+    load_torchscript,
+)
 from metanas.hydra_utils import config_problem
 from metanas.inner import InnerLoopConfig
 from metanas.search_space import DiscreteNetwork, derive_genotype
@@ -366,3 +372,96 @@ def test_adapt_hydra_error_exits_2_through_python_m(ckpt, tmp_path):
     assert proc.returncode == 2
     assert _one_error_line(proc, "metanas-adapt").startswith("nope is not a setting of metanas-adapt")
     assert not out.exists()
+
+
+# ------------------------------------------------------------------ 14: batch-independent exports
+def test_unknown_export_norm_is_refused(ckpt, folders, tmp_path):
+    with pytest.raises(ConfigError, match=r"^export_norm='running' is unknown; use export_norm=support"):
+        adapt_command(_adapt_cfg(checkpoint=ckpt, support=folders / "support", export_norm="running"), tmp_path)
+    assert not _written(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def exported(ckpt, folders, tmp_path_factory):
+    """metanas-adapt (default export) on the labelled query folder: (out dir, metrics, task, sx, qx)."""
+    out = tmp_path_factory.mktemp("exported")
+    metrics = adapt_command(_adapt_cfg(checkpoint=ckpt, support=folders / "support", query=folders / "query"), out)
+    support = load_image_folder(folders / "support", SIZE, 1, cache=False)
+    query = load_image_folder(folders / "query", SIZE, 1, cache=False)
+    sx = torch.from_numpy(support.images.astype(np.float32) / 255)
+    qx = torch.from_numpy(query.images.astype(np.float32) / 255)
+    task = adapt_support(load_meta_model(ckpt), sx, torch.from_numpy(support.labels), finetune_steps=10)
+    return out, metrics, task, sx, qx
+
+
+def test_exported_models_classify_each_image_on_its_own(exported):
+    out, metrics, task, sx, qx = exported
+    frozen = StandaloneClassifier(task.discrete, 1, support=sx)
+    scripted, meta = load_torchscript(out / rundir.TORCHSCRIPT)
+    session = ort.InferenceSession(str(out / rundir.ONNX))
+    with torch.no_grad():
+        reference = frozen(qx)
+        batched = scripted(qx)
+        single = torch.cat([scripted(qx[i : i + 1]) for i in range(len(qx))])
+        reordered = scripted(qx.flip(0)).flip(0)
+    torch.testing.assert_close(batched, reference, atol=1e-5, rtol=1e-5)  # TorchScript = frozen network
+    torch.testing.assert_close(single, batched, atol=1e-5, rtol=1e-5)  # per image = batched
+    torch.testing.assert_close(reordered, batched, atol=1e-5, rtol=1e-5)
+    onnx_batched = session.run(None, {"images": qx.numpy()})[0]
+    onnx_single = np.concatenate([session.run(None, {"images": qx[i : i + 1].numpy()})[0] for i in range(len(qx))])
+    np.testing.assert_allclose(onnx_batched, reference.numpy(), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(onnx_single, onnx_batched, atol=1e-4, rtol=1e-4)
+    # the per-image results differ from the batch-statistics network's on the same batch
+    assert not torch.allclose(reference, task.discrete_logits(qx), atol=1e-3)
+    # predictions.csv is the exported model's, one image at a time
+    rows = list(csv.DictReader((out / rundir.PREDICTIONS).open()))
+    written = torch.tensor([[float(r[f"p_{c}"]) for c in metrics["class_names"]] for r in rows])
+    torch.testing.assert_close(written, torch.softmax(single, -1), atol=1e-5, rtol=0)
+    info = json.loads((out / rundir.MODEL_INFO).read_text())
+    assert info["export_norm"] == meta["export_norm"] == metrics["export_norm"] == "support"
+    assert "6 support images, frozen" in info["input"]["note"]
+    correct = sum(r["predicted"] == r["label"] for r in rows)
+    assert metrics["accuracy"] == metrics["exported"]["accuracy"] == pytest.approx(correct / len(rows))
+    labels = torch.tensor([metrics["class_names"].index(r["label"]) for r in rows])
+    hits = int((task.discrete_logits(qx).argmax(-1) == labels).sum())
+    assert metrics["discrete"]["accuracy"] == pytest.approx(hits / len(rows))  # transductive, kept
+
+
+def test_batch_statistics_stay_an_explicit_option(ckpt, folders, exported, tmp_path):
+    _, _, task, sx, qx = exported
+    metrics = adapt_command(_adapt_cfg(checkpoint=ckpt, support=folders / "support", query=folders / "query",
+                                       export_norm="batch"), tmp_path)
+    scripted, meta = load_torchscript(tmp_path / rundir.TORCHSCRIPT)
+    with torch.no_grad():
+        reference = task.discrete_logits(qx)  # batch statistics of the whole query batch
+        torch.testing.assert_close(scripted(qx), reference, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(scripted(qx[:1]), reference[:1], atol=1e-3)  # depends on the batch
+    onnx_out = ort.InferenceSession(str(tmp_path / rundir.ONNX)).run(None, {"images": qx.numpy()})[0]
+    np.testing.assert_allclose(onnx_out, reference.numpy(), atol=1e-4, rtol=1e-4)
+    rows = list(csv.DictReader((tmp_path / rundir.PREDICTIONS).open()))
+    written = torch.tensor([[float(r[f"p_{c}"]) for c in metrics["class_names"]] for r in rows])
+    torch.testing.assert_close(written, torch.softmax(reference, -1), atol=2e-6, rtol=0)
+    assert meta["export_norm"] == metrics["export_norm"] == "batch"
+    assert metrics["exported"]["accuracy"] == metrics["discrete"]["accuracy"]
+
+
+def test_frozen_statistics_are_buffers_from_the_support_set(tiny):
+    net, weights, alphas, space = tiny
+    discrete = DiscreteNetwork.from_supernet(derive_genotype(alphas, space), space, weights).eval()
+    support = make_task(3).support_x
+    frozen = freeze_batch_norms(discrete, support)
+    norms = [m for m in frozen.modules() if isinstance(m, FrozenStatNorm)]
+    assert norms and not any(isinstance(m, (BatchStatNorm, torch.nn.BatchNorm2d)) for m in frozen.modules())
+    assert {n.rsplit(".", 1)[-1] for n, _ in frozen.named_buffers()} == {"running_mean", "running_var"}
+    assert not any(isinstance(m, FrozenStatNorm) for m in discrete.modules())  # the original is kept
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(support), discrete(support))  # on the support set: the same
+        query = make_task(4).query_x
+        single = torch.cat([frozen(query[i : i + 1]) for i in range(len(query))])
+        torch.testing.assert_close(single, frozen(query))
+        # the stem's norm holds the statistics of the stem convolution's output on the support set
+        stem_out = discrete.stem[0](support)
+    stem_norm = frozen.stem[1]
+    assert isinstance(stem_norm, FrozenStatNorm)
+    torch.testing.assert_close(stem_norm.running_mean.flatten(), stem_out.mean(dim=(0, 2, 3)))
+    torch.testing.assert_close(stem_norm.running_var.flatten(), stem_out.var(dim=(0, 2, 3), unbiased=False))
