@@ -10,7 +10,10 @@ supernet (the soft mixture of all ops) is evaluated alongside, so the cost of di
 visible.
 
 Both networks normalise with batch statistics: query images are classified in one batch
-(the transductive protocol of MAML and MetaNAS).
+(the transductive protocol of MAML and MetaNAS). The exported model
+(:class:`metanas.export.StandaloneClassifier` given the support images) freezes the discrete
+network's BatchNorm statistics at those of the support set instead, so that it classifies
+every image on its own.
 
 Confidence intervals: over query images of one task, the Wilson score interval of a binomial
 proportion (:func:`wilson_ci95`; better than the normal approximation near 0 or 1 and for few
@@ -34,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metanas.tasks import Split, TaskSampler
+from metanas.tasks.core import check_int
 
 from .checkpoint import load_checkpoint
 from .errors import CheckpointError, ConfigError
@@ -155,30 +159,46 @@ def load_meta_model(
     )
 
 
-def check_fits(model: MetaModel, input_shape: tuple[int, ...], n_way: int, what: str) -> None:
+def check_fits(
+    model: MetaModel, input_shape: tuple[int, ...], n_way: int, what: str,
+    fixes: Mapping[str, str] | None = None,
+) -> None:
     """Raise :class:`CheckpointError` unless images of ``input_shape`` and ``n_way`` fit.
 
     The supernet pools globally, so any image size would run, but a meta-model adapts well
     only at the size it was meta-trained on: a different size is refused too.
+
+    Args:
+        model: the meta-model.
+        input_shape: ``(C, H, W)`` of the data.
+        n_way: its number of classes.
+        what: how the message names the data (e.g. ``"support folder x"``).
+        fixes: what the caller's user changes for a mismatch of ``"channels"``, ``"n_way"``
+            or ``"image_size"`` (phrases naming the caller's own settings); by default the
+            messages name no setting.
     """
+    fixes = dict(fixes or {})
     c, h, w = input_shape
     name = model.path
-    if c != model.space.in_channels:
+    want_c, want_n, size = model.space.in_channels, model.space.n_classes, model.image_size
+    if c != want_c:
+        fix = fixes.get("channels", f"give {want_c}-channel images")
         raise CheckpointError(
-            f"checkpoint {name} takes {model.space.in_channels}-channel images but {what} "
-            f"gives {c}-channel ones; set channels={model.space.in_channels} (image folders are "
-            "converted) or use a checkpoint meta-trained on such images"
+            f"checkpoint {name} takes {want_c}-channel images but {what} gives {c}-channel "
+            f"ones; {fix}, or use a checkpoint meta-trained on {c}-channel images"
         )
-    if n_way != model.space.n_classes:
+    if n_way != want_n:
+        fix = fixes.get("n_way", f"give {want_n} classes")
+        other = f", or use a checkpoint meta-trained for {n_way}-way tasks" if n_way >= 2 else ""
         raise CheckpointError(
-            f"checkpoint {name} was meta-trained for {model.space.n_classes}-way tasks but "
-            f"{what} has {n_way} classes; use {model.space.n_classes} classes (n_way="
-            f"{model.space.n_classes}) or a checkpoint meta-trained with n_way={n_way}"
+            f"checkpoint {name} was meta-trained for {want_n}-way tasks but {what} has "
+            f"{n_way} class{'es' if n_way != 1 else ''}; {fix}{other}"
         )
-    if model.image_size is not None and (h, w) != (model.image_size, model.image_size):
+    if size is not None and (h, w) != (size, size):
+        fix = fixes.get("image_size", f"give {size}x{size} images")
         raise CheckpointError(
-            f"checkpoint {name} was meta-trained on {model.image_size}x{model.image_size} "
-            f"images but {what} gives {h}x{w}; set image_size={model.image_size}"
+            f"checkpoint {name} was meta-trained on {size}x{size} images but {what} gives "
+            f"{h}x{w}; {fix}"
         )
 
 
@@ -223,8 +243,7 @@ def adapt_support(
     Returns:
         The :class:`AdaptedTask`.
     """
-    if finetune_steps < 0:
-        raise ConfigError(f"finetune_steps={finetune_steps} must be 0 or more")
+    check_int("finetune_steps", finetune_steps, 0, fix="set finetune_steps to a whole number >= 0")
     adapted = adapt(model.net, model.weights, model.alphas, support_x, support_y, model.inner)
     genotype = derive_genotype(adapted.alphas, model.space, temperature=adapted.temperature)
     return discretise(model, adapted, genotype, support_x, support_y, finetune_steps)
@@ -236,6 +255,7 @@ def discretise(
 ) -> AdaptedTask:
     """The task's discrete network for ``genotype``, inheriting the adapted supernet weights,
     optionally fine-tuned for ``finetune_steps`` SGD steps on the support set."""
+    check_int("finetune_steps", finetune_steps, 0, fix="set finetune_steps to a whole number >= 0")
     discrete = DiscreteNetwork.from_supernet(genotype, model.space, adapted.weights)
     if finetune_steps:
         opt = torch.optim.SGD(discrete.parameters(), lr=model.inner.lr_weights)

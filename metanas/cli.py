@@ -8,10 +8,12 @@ config), ``genotype.json`` (the meta-architecture), ``task_genotypes.json`` (eac
 task's accuracy and genotype), the checkpoints and logs of :mod:`metanas.trainer`, and
 ``status.json`` (``running``, then ``ok`` or ``failed`` with the error; read by ``metanas-report``).
 
-:func:`train` holds the logic and takes a plain ``DictConfig``; the decorated
-:func:`train_entry` only adds Hydra's command line and turns bad input into a one-line error
-and exit status 2. The function returns the best meta-validation accuracy (the test
-accuracy if validation is disabled), the value Hydra sweepers optimise.
+:func:`train` holds the logic and takes a plain ``DictConfig``; the Hydra app
+:func:`train_app` only adds Hydra's command line and turns bad input into a one-line error
+and exit status 2, and the console script :func:`train_entry` does the same for Hydra's own
+configuration errors (an unknown key or option) before Hydra starts. The function returns
+the best meta-validation accuracy (the test accuracy if validation is disabled), the value
+Hydra sweepers optimise.
 
 In a sweep (``metanas-train -m``) a job that fails is recorded as ``failed`` in its
 ``status.json`` and returns NaN, so the other jobs of the sweep still run (an Optuna sweeper
@@ -34,12 +36,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from metanas.tasks import check_sampler
+from metanas.tasks.core import check_int
 
 from . import rundir
 from .io import resolve_device
 from .distributed import DEFAULT_TIMEOUT_S, DistContext, DistributedError, init_distributed
 from .errors import ConfigError, MetaNASError
-from .hydra_utils import build, in_multirun, output_dir
+from .hydra_utils import build, in_multirun, output_dir, run_console
 from .logger import RunLogger
 from .engines import share_cores
 from .evaluate import FROZEN, mean_ci95
@@ -61,7 +64,7 @@ def _resume_path(resume: str | None, run_dir: Path) -> Path | None:
 def build_trainer(cfg: DictConfig, run_dir: Path, dist: DistContext | None = None) -> MetaTrainer:
     """Instantiate sampler, supernet, alphas, algorithm and optimisers from a config."""
     dist = dist or DistContext()
-    seed = int(cfg.seed)
+    seed = check_int("seed", cfg.seed, 0, fix="set seed to an integer >= 0")
     device = resolve_device(cfg.device)
     if dist.enabled and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", dist.local_rank)  # one GPU per process
@@ -200,8 +203,8 @@ def _train(trainer: MetaTrainer, cfg: DictConfig, run_dir: Path, started: float)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://metanas.conf", config_name="train")
-def train_entry(cfg: DictConfig) -> float:
-    """``metanas-train``: Hydra command line around :func:`train`.
+def train_app(cfg: DictConfig) -> float:
+    """The Hydra app of ``metanas-train`` around :func:`train`.
 
     A single run turns bad input into ``metanas-train: error: ...`` and exit status 2 (1 for
     a failed process group). In a sweep a failing job is logged, marked ``failed`` in its
@@ -222,7 +225,14 @@ def train_entry(cfg: DictConfig) -> float:
         return math.nan
 
 
-__all__ = ["build_trainer", "train", "train_entry"]
+def train_entry() -> None:
+    """Console script ``metanas-train`` (also ``python -m metanas.cli`` and ``torchrun -m
+    metanas.cli``): :func:`train_app`, Hydra's configuration errors as one-line errors with
+    exit status 2 (:func:`metanas.hydra_utils.run_console`)."""
+    run_console(train_app, "metanas-train", "train")
+
+
+__all__ = ["build_trainer", "train", "train_app", "train_entry"]
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +41,9 @@ from .search_space import (
 )
 
 log = logging.getLogger(__name__)
+
+PROGRESS_LINES = 10
+"""Without a progress bar, :func:`evaluate` logs its progress this many times (every 10%)."""
 
 
 def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
@@ -178,7 +182,8 @@ def evaluate(
             result does not depend on the number of threads).
         transductive: query batch statistics shared across the query set or not.
         device: where to run.
-        progress: show a progress bar.
+        progress: show a progress bar; without one, a line is logged (``logging.info``)
+            every 10% of the tasks: tasks done, elapsed time, running mean accuracy.
         pool: adapts several tasks concurrently; it must have been built on ``net``.
         extra: per-task hook called with the (replica) network, the task, its adapted model
             and its genotype; its values are collected in :attr:`EvalResult.extras`.
@@ -227,12 +232,21 @@ def evaluate(
 
     results: list[tuple[float, Genotype | None, Mapping[str, float]]] = []
     chunk = 2 * pool.workers
+    started = time.perf_counter()
+    every = math.ceil(n_tasks / PROGRESS_LINES)  # without a bar: a log line every 10% of the tasks
+    next_line = every
     with tqdm(total=n_tasks, desc=f"meta-{split}", disable=not progress, leave=False) as bar:
         while len(results) < n_tasks:
             count = min(chunk, n_tasks - len(results))
             tasks = [sampler.sample(split, rng).to(device) for _ in range(count)]
             results += pool.map(one, tasks)
             bar.update(count)
+            if not progress and len(results) >= next_line:
+                done = len(results)
+                log.info("meta-%s: %d/%d tasks (%d%%) in %.1f s, running accuracy %.2f %%", split, done,
+                         n_tasks, 100 * done // n_tasks, time.perf_counter() - started,
+                         100 * float(np.mean([r[0] for r in results])))
+                next_line = (done // every + 1) * every
     accs = [acc for acc, _, _ in results]
     genotypes = [g for _, g, _ in results if g is not None]
     extras = {name: tuple(r[2][name] for r in results) for name in results[0][2]}

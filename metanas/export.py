@@ -3,9 +3,18 @@
 The exported module is :class:`StandaloneClassifier`: the task's :class:`DiscreteNetwork`
 preceded by the input normalisation its dataset used (per-channel ``(x * scale - shift) /
 std`` as constants), so it takes images with pixel values in [0, 1], shape
-``(B, C, H, W)``, and returns logits ``(B, n_way)``. Like the supernet it normalises with the
-statistics of the batch it is given (BatchNorm without running averages): classify query
-images together in one batch, as metanas does, not one at a time.
+``(B, C, H, W)``, and returns logits ``(B, n_way)``. Its BatchNorms (parameter-free, batch
+statistics in the supernet) are exported in one of two ways:
+
+* given the task's support images, with **frozen support statistics**
+  (:func:`freeze_batch_norms`, :class:`FrozenStatNorm`): every BatchNorm's mean and variance
+  are computed once, in one forward pass over the support images after the input
+  normalisation, and stored as buffers (``running_mean``, ``running_var``). Each image is
+  then classified on its own: predictions do not depend on the batch. On the support set the
+  result equals the batch-statistics network's.
+* without them, with **batch statistics** (:class:`BatchStatNorm`, the DARTS/MetaNAS
+  convention): each batch is normalised with its own statistics, so query images must be
+  classified together in one batch and a prediction depends on the rest of the batch.
 
 * TorchScript (``torch.jit.trace``): loads with ``torch.jit.load`` alone, no metanas needed;
   the class names and input description travel inside the file (``metadata.json`` extra file).
@@ -23,7 +32,7 @@ import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +44,17 @@ from .io import atomic_write_bytes
 from .errors import ConfigError
 
 __all__ = [
+    "BATCH",
+    "EXPORT_NORMS",
+    "SUPPORT",
     "BatchStatNorm",
+    "FrozenStatNorm",
     "StandaloneClassifier",
     "count_parameters",
     "export_onnx",
     "export_torchscript",
     "flops_per_image",
+    "freeze_batch_norms",
     "load_torchscript",
     "onnx_bytes",
     "replace_batch_norms",
@@ -48,6 +62,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+SUPPORT, BATCH = "support", "batch"
+EXPORT_NORMS = (SUPPORT, BATCH)
+"""How an exported model's BatchNorms normalise: frozen support statistics or batch statistics."""
 
 
 class BatchStatNorm(nn.Module):
@@ -69,6 +87,38 @@ class BatchStatNorm(nn.Module):
         return (x - mean) / torch.sqrt(var + self.eps)
 
 
+class FrozenStatNorm(nn.Module):
+    """BatchNorm without affine parameters with fixed statistics, in plain ops.
+
+    ``(x - running_mean) / sqrt(running_var + eps)`` per channel, in train and eval mode
+    alike, so each image of a batch is normalised independently of the others.
+
+    Args:
+        running_mean, running_var: ``(C,)`` per-channel mean and (biased) variance.
+        eps: added to the variance.
+    """
+
+    def __init__(self, running_mean: Tensor, running_var: Tensor, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("running_mean", running_mean.detach().reshape(1, -1, 1, 1).clone())
+        self.register_buffer("running_var", running_var.detach().reshape(1, -1, 1, 1).clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x``: ``(B, C, H, W)`` -> the same shape, normalised per channel."""
+        return (x - self.running_mean) / torch.sqrt(self.running_var + self.eps)
+
+
+def _swap_children(net: nn.Module, make: Callable[[str, nn.Module], nn.Module | None]) -> None:
+    """Replace, in place, every submodule ``m`` (dotted name ``name``) for which
+    ``make(name, m)`` returns a module."""
+    for parent_name, module in list(net.named_modules()):
+        for child_name, child in list(module.named_children()):
+            new = make(f"{parent_name}.{child_name}" if parent_name else child_name, child)
+            if new is not None:
+                setattr(module, child_name, new)
+
+
 def replace_batch_norms(net: nn.Module) -> nn.Module:
     """A deep copy of ``net`` with every parameter-free batch-statistics BatchNorm replaced.
 
@@ -77,29 +127,88 @@ def replace_batch_norms(net: nn.Module) -> nn.Module:
             metanas networks use).
     """
     net = copy.deepcopy(net)
-    for name, module in list(net.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.modules.batchnorm._BatchNorm):
-                if child.affine or child.track_running_stats:
-                    raise ConfigError(
-                        f"{name}.{child_name} is a BatchNorm with affine parameters or running "
-                        "statistics; export supports the parameter-free batch-statistics kind"
-                    )
-                setattr(module, child_name, BatchStatNorm(child.eps))
+
+    def make(name: str, child: nn.Module) -> nn.Module | None:
+        if not isinstance(child, nn.modules.batchnorm._BatchNorm):
+            return None
+        if child.affine or child.track_running_stats:
+            raise ConfigError(
+                f"{name} is a BatchNorm with affine parameters or running "
+                "statistics; export supports the parameter-free batch-statistics kind"
+            )
+        return BatchStatNorm(child.eps)
+
+    _swap_children(net, make)
+    return net
+
+
+def freeze_batch_norms(net: nn.Module, x: Tensor) -> nn.Module:
+    """A copy of ``net`` whose BatchNorms use the statistics they see on ``x``, frozen.
+
+    ``net``'s parameter-free batch-statistics BatchNorms (or :class:`BatchStatNorm`) become
+    :class:`FrozenStatNorm` holding the batch mean and variance of their input in one
+    forward pass of ``net`` on ``x`` (so on ``x`` the copy computes what ``net`` does, and on
+    any other input each image is normalised on its own).
+
+    Args:
+        net: the network (not changed).
+        x: the images the statistics come from, ``(N, C, H, W)`` as ``net`` takes them.
+
+    Raises:
+        ConfigError: a BatchNorm with affine parameters or running statistics, or one that
+            runs more than once in a forward pass (it would need one set of statistics per use).
+    """
+    net = replace_batch_norms(net)
+    stats: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def record(name: str) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+            if name in stats:
+                raise ConfigError(f"{name} runs twice in one forward pass; it cannot hold one set of statistics")
+            (h,) = inputs
+            mean = h.mean(dim=(0, 2, 3))
+            stats[name] = (mean, (h - mean.reshape(1, -1, 1, 1)).pow(2).mean(dim=(0, 2, 3)))
+        return hook
+
+    norms = {name: m for name, m in net.named_modules() if isinstance(m, BatchStatNorm)}
+    handles = [m.register_forward_pre_hook(record(name)) for name, m in norms.items()]
+    try:
+        with torch.no_grad():
+            net(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    def make(name: str, child: nn.Module) -> nn.Module | None:
+        if not isinstance(child, BatchStatNorm):
+            return None
+        if name not in stats:  # never runs, so its statistics never matter: the identity
+            return FrozenStatNorm(torch.zeros(1), torch.ones(1), 0.0)
+        return FrozenStatNorm(*stats[name], child.eps)
+
+    _swap_children(net, make)
     return net
 
 
 class StandaloneClassifier(nn.Module):
     """Input normalisation + a network, for export.
 
-    The network is deep-copied with its BatchNorms written out as :class:`BatchStatNorm`
-    (same outputs; exportable with a dynamic batch size).
+    The network is deep-copied with its BatchNorms written out in plain ops (exportable with
+    a dynamic batch size): with ``support`` images, as :class:`FrozenStatNorm` holding the
+    support set's statistics (:func:`freeze_batch_norms`; each image is classified on its
+    own); without, as :class:`BatchStatNorm` (batch statistics, the network's own outputs).
 
     Args:
         net: the classifier (e.g. a :class:`~metanas.search_space.DiscreteNetwork`).
         channels: input channels C.
         scale, shift, std: per-channel ``(C,)`` constants: ``x' = (x * scale - shift) / std``
             on pixel values ``x`` in [0, 1]. Defaults: identity.
+        support: the task's support images ``(N, C, H, W)``, pixel values in [0, 1] (as the
+            model takes them; normalised here before the statistics are taken), on ``net``'s
+            device; None keeps batch statistics.
+
+    Attributes:
+        norm: :data:`SUPPORT` (frozen support statistics) or :data:`BATCH`.
     """
 
     def __init__(
@@ -109,9 +218,9 @@ class StandaloneClassifier(nn.Module):
         scale: Sequence[float] | None = None,
         shift: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        support: Tensor | None = None,
     ) -> None:
         super().__init__()
-        self.net = replace_batch_norms(net)
 
         def const(values: Sequence[float] | None, default: float) -> Tensor:
             t = torch.full((channels,), default) if values is None else torch.as_tensor(values, dtype=torch.float32)
@@ -122,6 +231,18 @@ class StandaloneClassifier(nn.Module):
         self.register_buffer("scale", const(scale, 1.0))
         self.register_buffer("shift", const(shift, 0.0))
         self.register_buffer("std", const(std, 1.0))
+        if support is None:
+            self.norm = BATCH
+            self.net = replace_batch_norms(net)
+        else:
+            if support.ndim != 4 or support.shape[0] < 1 or support.shape[1] != channels:
+                raise ConfigError(
+                    f"support images of shape {tuple(support.shape)}: need (N >= 1, {channels}, H, W)"
+                )
+            self.norm = SUPPORT
+            on = support.device
+            normalised = (support * self.scale.to(on) - self.shift.to(on)) / self.std.to(on)
+            self.net = freeze_batch_norms(net, normalised)
 
     def forward(self, x: Tensor) -> Tensor:
         """``x``: ``(B, C, H, W)`` in [0, 1] -> logits ``(B, n_way)``."""

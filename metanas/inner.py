@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import grad
 
+from metanas.tasks.core import check_int
+
 from .errors import ConfigError
 from .functional import Params, accuracy, detached, forward
 from .inner_optim import INNER_OPTIMIZERS, InnerOptimizer
@@ -83,8 +85,8 @@ class InnerLoopConfig:
     shuffle_seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.steps < 0:
-            raise ConfigError(f"inner.steps={self.steps} is negative; use 0 or more steps")
+        check_int("inner.steps", self.steps, 0, fix="set inner.steps to a whole number of steps >= 0")
+        check_int("inner.shuffle_seed", self.shuffle_seed, 0, fix="set inner.shuffle_seed to an integer >= 0")
         if self.lr_weights < 0 or self.lr_alphas < 0:
             raise ConfigError(
                 f"inner learning rates must be >= 0, got lr_weights={self.lr_weights}, "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import socket
 import time
@@ -47,10 +48,24 @@ def checkpoint_path(run_dir: str | Path, name: str = LAST_CKPT) -> Path:
     return Path(run_dir) / CHECKPOINTS / name
 
 
+def _finite(content: Any) -> Any:
+    """``content`` with every NaN or infinite float (nested in dicts, lists, tuples) as None."""
+    if isinstance(content, float):
+        return content if math.isfinite(content) else None
+    if isinstance(content, Mapping):
+        return {k: _finite(v) for k, v in content.items()}
+    if isinstance(content, (list, tuple)):
+        return [_finite(v) for v in content]
+    return content
+
+
 def encode(name: str, content: Any) -> bytes:
     """The bytes of the file ``name`` holding ``content``: bytes as they are, text as UTF-8,
     rows (dicts; their keys in first-seen order make the header) as CSV for a ``.csv`` name,
     anything else as JSON for a ``.json`` name (indented as that file has always been).
+
+    JSON files are always valid JSON: a NaN or infinite float is written as ``null`` (JSON has
+    no such numbers; ``json.dumps`` would write a bare ``NaN``).
 
     Raises:
         TypeError: content that the name gives no format for.
@@ -65,7 +80,7 @@ def encode(name: str, content: Any) -> bytes:
         return buf.getvalue().encode("utf-8")
     if name.endswith(".json"):
         indent, end = _JSON_STYLE.get(name, (2, "\n"))
-        return (json.dumps(content, indent=indent) + end).encode("utf-8")
+        return (json.dumps(_finite(content), indent=indent, allow_nan=False) + end).encode("utf-8")
     raise TypeError(f"no format for {name}: give its content as bytes or text")
 
 

@@ -40,6 +40,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from metanas.tasks import TaskSampler, check_sampler, check_task
+from metanas.tasks.core import check_int
 
 from . import rundir
 from .algorithms import MetaAlgorithm
@@ -112,20 +113,22 @@ class TrainerConfig:
     recompute_cells: bool = False
 
     def __post_init__(self) -> None:
-        positive = ("meta_batch_size", "n_val_tasks", "n_test_tasks", "log_every")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"trainer.{name}={getattr(self, name)} must be at least 1")
-        for name in ("meta_steps", "alpha_warmup_steps", "val_every", "ckpt_every", "task_workers"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"trainer.{name}={getattr(self, name)} must be 0 or more")
+        # every count is an integer (a bool or 2.5 is not) in range; the message names the key
+        counts = {"meta_batch_size": 1, "n_val_tasks": 1, "n_test_tasks": 1, "log_every": 1,
+                  "meta_steps": 0, "alpha_warmup_steps": 0, "val_every": 0, "ckpt_every": 0,
+                  "task_workers": 0, "test_inner_steps": 0}
+        for name, lowest in counts.items():
+            value = getattr(self, name)
+            if name == "test_inner_steps" and value is None:
+                continue
+            check_int(f"trainer.{name}", value, lowest,
+                      fix=f"set trainer.{name} to a whole number >= {lowest}"
+                      + (" (or null: as many as in training)" if name == "test_inner_steps" else ""))
         if self.meta_lr_schedule not in ("constant", "linear"):
             raise ConfigError(
                 f"trainer.meta_lr_schedule={self.meta_lr_schedule!r} is unknown; "
                 "use 'constant' or 'linear'"
             )
-        if self.test_inner_steps is not None and self.test_inner_steps < 0:
-            raise ConfigError(f"trainer.test_inner_steps={self.test_inner_steps} must be >= 0")
 
 
 def _config_differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,13 +165,21 @@ def load_image(path: str | os.PathLike, image_size: int, channels: int) -> np.nd
     """Read one image as uint8 ``(channels, image_size, image_size)``.
 
     Raises:
-        DataError: the file is unreadable, truncated or not an image.
+        DataError: the file is unreadable, truncated, not an image, or too large for Pillow.
     """
     try:
         with Image.open(path) as im:
             im.load()  # decodes now: a truncated file raises here
             return image_array(im, image_size, channels)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # e.g. "Image size (N pixels) exceeds limit of M pixels"
+        sizes = re.search(r"\((\d+) pixels\) exceeds limit of (\d+) pixels", str(exc))
+        size = (f": {int(sizes[1]):,} pixels ({int(sizes[1]) / 1e6:.0f} megapixels), over Pillow's limit of "
+                f"{int(sizes[2]):,} pixels") if sizes else f" ({exc})"
+        raise DataError(
+            f"image {path} is too large{size} (a guard against decompression bombs); downscale "
+            "it or remove it"
+        ) from exc
+    except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(
             f"image {path} cannot be read ({type(exc).__name__}: {exc}); it is truncated, "
             "corrupt or not an image: replace or delete it"

@@ -23,7 +23,7 @@ from metanas.adapt_cli import adapt_command
 from metanas.adaptation import adapt_support, load_meta_model, wilson_ci95
 from metanas.checkpoint import save_checkpoint
 from metanas.errors import CheckpointError, ConfigError, DataError
-from metanas.export import load_torchscript
+from metanas.export import StandaloneClassifier, load_torchscript
 from metanas.search_space import SearchNetwork, init_alphas
 
 SIZE = 16
@@ -95,11 +95,13 @@ def test_cli_end_to_end_support_and_labelled_query(ckpt, folders, tmp_path):
     assert len(rows) == 12 and metrics["query_images"] == 12
     correct = sum(r["predicted"] == r["label"] for r in rows)
     acc, low, high = wilson_ci95(correct, 12)
-    assert metrics["discrete"] == pytest.approx(
+    # predictions.csv is the exported model's; metrics.json has its accuracy as "accuracy"
+    assert metrics["exported"] == pytest.approx(
         {"accuracy": acc, "ci95_low": low, "ci95_high": high, "ci95": (high - low) / 2, "interval": "wilson"})
+    assert metrics["accuracy"] == acc and metrics["export_norm"] == "support"
     info = json.loads((out / "model_info.json").read_text())
     assert info["class_names"] == metrics["class_names"] and info["parameters"] > 0
-    assert info["flops_per_image"] > 0
+    assert info["flops_per_image"] > 0 and info["export_norm"] == "support"
 
     # The pipeline recomputed in-process gives the same task network ...
     model = load_meta_model(ckpt)
@@ -110,17 +112,28 @@ def test_cli_end_to_end_support_and_labelled_query(ckpt, folders, tmp_path):
     assert metrics["finetune_steps"] == 10  # the default
     task = adapt_support(model, sx, torch.from_numpy(support.labels), finetune_steps=10)
     assert json.loads((out / "genotype.json").read_text()) == task.genotype.to_dict()
-    probs = torch.softmax(task.discrete_logits(qx), -1)
-    written = torch.tensor([[float(r[f"p_{c}"]) for c in metrics["class_names"]] for r in rows])
-    torch.testing.assert_close(written, probs, atol=2e-6, rtol=0)
-    # ... and the exported files, loaded without metanas, compute exactly that network.
-    scripted, meta = load_torchscript(out / "model.pt")
-    assert meta["class_names"] == metrics["class_names"]
+    # "discrete" is the task network's transductive accuracy (all query images in one batch)
+    hits = int((task.discrete_logits(qx).argmax(-1).numpy() == query.labels).sum())
+    assert metrics["discrete"]["accuracy"] == pytest.approx(hits / 12)
+    # the default export: the task network with BatchNorm statistics frozen at the support set's
+    frozen = StandaloneClassifier(task.discrete, 1, support=sx)
     with torch.no_grad():
-        reference = task.discrete_logits(qx)
+        reference = frozen(qx)
+    written = torch.tensor([[float(r[f"p_{c}"]) for c in metrics["class_names"]] for r in rows])
+    torch.testing.assert_close(written, torch.softmax(reference, -1), atol=2e-6, rtol=0)
+    # ... and the exported files, loaded without metanas, compute exactly that network, each
+    # image on its own: one at a time gives what the whole batch gives.
+    scripted, meta = load_torchscript(out / "model.pt")
+    assert meta["class_names"] == metrics["class_names"] and meta["export_norm"] == "support"
+    session = ort.InferenceSession(str(out / "model.onnx"))
+    with torch.no_grad():
         torch.testing.assert_close(scripted(qx), reference, atol=1e-5, rtol=1e-5)
-    onnx_out = ort.InferenceSession(str(out / "model.onnx")).run(None, {"images": qx.numpy()})[0]
+        one_by_one = torch.cat([scripted(qx[i : i + 1]) for i in range(len(qx))])
+    torch.testing.assert_close(one_by_one, reference, atol=1e-5, rtol=1e-5)
+    onnx_out = session.run(None, {"images": qx.numpy()})[0]
     np.testing.assert_allclose(onnx_out, reference.numpy(), atol=1e-4, rtol=1e-4)
+    onnx_one = np.concatenate([session.run(None, {"images": qx[i : i + 1].numpy()})[0] for i in range(len(qx))])
+    np.testing.assert_allclose(onnx_one, reference.numpy(), atol=1e-4, rtol=1e-4)
 
 
 def test_cli_bad_input_exits_2_without_results(ckpt, tmp_path):
@@ -201,7 +214,8 @@ def test_custom_sampler_through_task_target(ckpt, custom, tmp_path):
         ({"+task._target_": "my_samplers.Blobs", "+task.channels": 3}, CheckpointError,
          "takes 1-channel images but task sampler Blobs gives 3-channel"),
         ({"+task._target_": "my_samplers.Blobs", "+task.n_way": 4}, CheckpointError, "meta-trained for 3-way"),
-        ({"+task._target_": "my_samplers.Blobs", "+task.size": 20}, CheckpointError, "set image_size=16"),
+        ({"+task._target_": "my_samplers.Blobs", "+task.size": 20}, CheckpointError,
+         "make the task sampler give 16x16 images"),
     ],
 )
 def test_bad_sampler_or_mismatched_checkpoint(ckpt, custom, tmp_path, overrides, error, match):
