@@ -94,6 +94,12 @@ class TrainerConfig:
         recompute_cells: recompute each cell's activations in the backward pass instead of
             storing them (:attr:`metanas.search_space.SearchNetwork.recompute_cells`): less
             memory per task in flight, the same meta-gradients, about one more forward pass.
+        time_budget_min: stop meta-training after the first meta-step at which the training
+            time (meta-steps and meta-validations, carried over a resume) reaches this many
+            minutes, or at ``meta_steps``, whichever comes first (None: no budget). For
+            comparisons at equal wall time; the number of steps it allows depends on the
+            machine, so a run with a budget reproduces only on the same machine and load.
+            A ``linear`` meta learning-rate schedule still decays towards ``meta_steps``.
     """
 
     meta_steps: int = 1000
@@ -111,6 +117,7 @@ class TrainerConfig:
     task_workers: int = 0
     progress: bool | None = None
     recompute_cells: bool = False
+    time_budget_min: float | None = None
 
     def __post_init__(self) -> None:
         # every count is an integer (a bool or 2.5 is not) in range; the message names the key
@@ -124,6 +131,11 @@ class TrainerConfig:
             check_int(f"trainer.{name}", value, lowest,
                       fix=f"set trainer.{name} to a whole number >= {lowest}"
                       + (" (or null: as many as in training)" if name == "test_inner_steps" else ""))
+        budget = self.time_budget_min
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                                   or not math.isfinite(budget) or budget <= 0):
+            raise ConfigError(f"trainer.time_budget_min={budget!r} is not a positive number of "
+                              "minutes; set it to e.g. 10, or to null for no budget")
         if self.meta_lr_schedule not in ("constant", "linear"):
             raise ConfigError(
                 f"trainer.meta_lr_schedule={self.meta_lr_schedule!r} is unknown; "
@@ -560,15 +572,18 @@ class MetaTrainer:
         )
         recent: list[float] = []
         started = time.perf_counter() - self.train_time
+        validated = saved = False
         try:
-            while self.step < cfg.meta_steps:
+            while self.step < cfg.meta_steps and not self._out_of_time():
                 row = self.meta_step()
                 self.train_time = time.perf_counter() - started
                 row["time_s"] = self.train_time
                 recent = (recent + [row["query_accuracy"]])[-cfg.log_every :]
+                last = self.step == cfg.meta_steps or self._out_of_time()
                 # rank 0 validates; the others wait for it in the next collective
-                if (cfg.val_every and self.dist.is_main
-                        and (self.step % cfg.val_every == 0 or self.step == cfg.meta_steps)):
+                validated = bool(cfg.val_every and self.dist.is_main
+                                 and (self.step % cfg.val_every == 0 or last))
+                if validated:
                     self._validate_and_keep_best(row)
                     self.train_time = time.perf_counter() - started
                 self.history.append(row)
@@ -581,13 +596,30 @@ class MetaTrainer:
                         self.step, cfg.meta_steps, np.mean(recent), row["query_loss"],
                         self.train_time / max(self.step, 1),
                     )
-                if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == cfg.meta_steps:
+                saved = bool((cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or last)
+                if saved:
                     self.save(rundir.LAST_CKPT)
                     self._write_log()
+            if self.step < cfg.meta_steps:
+                log.info("time budget trainer.time_budget_min=%g reached after meta-step %d of %d "
+                         "(%.1f min of training)", cfg.time_budget_min, self.step, cfg.meta_steps,
+                         self.train_time / 60)
+                # a resumed run can start past its budget: its last state is still validated
+                if cfg.val_every and self.dist.is_main and not validated and self.history:
+                    self._validate_and_keep_best(self.history[-1])
+                if not saved:
+                    self.save(rundir.LAST_CKPT)
         finally:
             bar.close()
         self._write_log()
         return dict(self.best)
+
+    def _out_of_time(self) -> bool:
+        """Whether ``time_budget_min`` is spent (rank 0's clock decides for every process)."""
+        if self.cfg.time_budget_min is None:
+            return False
+        spent = self.train_time >= 60 * self.cfg.time_budget_min
+        return bool(self.dist.broadcast_object(spent)) if self.dist.enabled else spent
 
     def _validate_and_keep_best(self, row: dict[str, float]) -> None:
         result = self.validate()

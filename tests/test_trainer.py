@@ -11,7 +11,7 @@ import torch
 from conftest import make_task, tiny_space
 from metanas.algorithms import FOMAML, Reptile
 from metanas.checkpoint import load_checkpoint, save_checkpoint
-from metanas.errors import CheckpointError
+from metanas.errors import CheckpointError, ConfigError
 from metanas.inner import InnerLoopConfig, adapt
 from metanas.search_space import SearchNetwork, init_alphas
 from metanas.trainer import MetaTrainer, TrainerConfig
@@ -215,3 +215,49 @@ def test_resume_derives_the_learning_rates_from_the_step(tmp_path):
         assert torch.equal(p, resumed.weights[name]), name
     for name, p in straight.alphas.items():
         assert torch.equal(p, resumed.alphas[name]), name
+
+
+class FakeClock:
+    """``time.perf_counter`` that advances ``tick`` seconds whenever it is read."""
+
+    def __init__(self, tick):
+        self.now, self.tick = 0.0, tick
+
+    def __call__(self):
+        self.now += self.tick
+        return self.now
+
+
+def test_time_budget_stops_training_checkpoints_and_validates_the_last_step(tmp_path, monkeypatch):
+    import metanas.trainer as trainer_module
+
+    # every clock read advances 10 s; a meta-step without validation reads it twice
+    monkeypatch.setattr(trainer_module.time, "perf_counter", FakeClock(10.0))
+    trainer = make_trainer(tmp_path, meta_steps=50, val_every=0, ckpt_every=0,
+                           time_budget_min=0.5)
+    trainer.fit()
+    steps = trainer.step
+    assert 1 <= steps < 50 and trainer.train_time >= 30.0
+    assert trainer.train_time - 60 * 0.5 < 20.0 + 1e-9  # stopped at the first step past the budget
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert state["step"] == steps
+    # with validation: the last step is validated even when it is not a multiple of val_every
+    trainer = make_trainer(tmp_path / "val", meta_steps=50, val_every=1000, ckpt_every=0,
+                           time_budget_min=0.5)
+    trainer.fit()
+    assert trainer.best["step"] == trainer.step < 50
+
+
+def test_no_time_budget_runs_every_meta_step(tmp_path, monkeypatch):
+    import metanas.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module.time, "perf_counter", FakeClock(1e6))
+    trainer = make_trainer(tmp_path, meta_steps=4, val_every=0, ckpt_every=0)
+    trainer.fit()
+    assert trainer.step == 4
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), "ten", True])
+def test_time_budget_must_be_a_positive_number(bad):
+    with pytest.raises(ConfigError, match="trainer.time_budget_min"):
+        TrainerConfig(time_budget_min=bad)
