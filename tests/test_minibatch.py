@@ -110,3 +110,18 @@ def test_batch_size_must_be_positive():
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ConfigError, match="inner.batch_size"):
             InnerLoopConfig(batch_size=bad)
+
+
+@pytest.mark.parametrize("group", ["sgd", "adam"])
+def test_every_inner_setting_is_in_the_inner_config_group(group):
+    """``inner.batch_size=...`` must be a plain override of metanas-train (no ``+``)."""
+    from dataclasses import fields
+
+    from hydra import compose, initialize_config_module
+    from hydra.utils import instantiate
+
+    with initialize_config_module(config_module="metanas.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[f"inner={group}", "inner.batch_size=3", "inner.shuffle_seed=4"])
+    assert set(cfg.inner) - {"_target_"} == {f.name for f in fields(InnerLoopConfig)}
+    inner = instantiate(cfg.inner)
+    assert (inner.batch_size, inner.shuffle_seed) == (3, 4)
