@@ -88,6 +88,17 @@ def test_removed_ops_are_never_computed_on_either_gradient_backend():
     assert torch.isfinite(logits).all()
 
 
+def test_flops_of_a_shrunk_supernet_are_those_of_its_kept_ops():
+    from metanas.flops import count_flops
+
+    (net, weights, alphas), (small, _, small_alphas) = tiny_pair()
+    x = make_task(0).query_x
+    full = SearchNetwork(net.cfg).double()
+    shrunk = count_flops(lambda: net(x, alphas).sum().backward())
+    assert shrunk == count_flops(lambda: small(x, small_alphas).sum().backward())
+    assert shrunk < count_flops(lambda: full(x, alphas).sum().backward())
+
+
 def test_soft_pruning_and_the_mask_together_skip_removed_ops():
     space = tiny_space(ops=OPS, prune_threshold=0.2)
     torch.manual_seed(0)
