@@ -92,7 +92,8 @@ class MetaModel:
     def genotype(self) -> Genotype:
         """The meta-architecture: genotype of the meta-alphas at the inner loop's read-out
         temperature (the temperature every task's genotype is derived at)."""
-        return derive_genotype(self.alphas, self.space, temperature=self.inner.temperature(self.inner.steps))
+        return derive_genotype(self.alphas, self.space, temperature=self.inner.temperature(self.inner.steps),
+                               op_mask=self.net.op_mask)
 
 
 def _inner_from_config(config: Mapping[str, Any]) -> InnerLoopConfig:
@@ -139,6 +140,11 @@ def load_meta_model(
             f"checkpoint {path}: its weights do not match its own search space; the file is "
             "damaged or was edited: use another checkpoint"
         )
+    if state.get("op_mask") is not None:  # a shrunk supernet (older checkpoints keep every op)
+        try:
+            net.set_op_mask(state["op_mask"])
+        except ConfigError as exc:
+            raise CheckpointError(f"checkpoint {path}: its op mask is damaged ({exc}); use another checkpoint") from None
     config = state.get("config") or {}
     inner = _inner_from_config(config)
     overrides = {k: v for k, v in (inner_overrides or {}).items() if v is not None}
@@ -245,7 +251,8 @@ def adapt_support(
     """
     check_int("finetune_steps", finetune_steps, 0, fix="set finetune_steps to a whole number >= 0")
     adapted = adapt(model.net, model.weights, model.alphas, support_x, support_y, model.inner)
-    genotype = derive_genotype(adapted.alphas, model.space, temperature=adapted.temperature)
+    genotype = derive_genotype(adapted.alphas, model.space, temperature=adapted.temperature,
+                               op_mask=model.net.op_mask)
     return discretise(model, adapted, genotype, support_x, support_y, finetune_steps)
 
 

@@ -165,10 +165,11 @@ def _train(trainer: MetaTrainer, cfg: DictConfig, run_dir: Path, started: float)
     if not trainer.dist.is_main:
         return math.nan  # rank 0 meta-tests and writes the results
     result = trainer.test()
-    _, alphas = trainer.best_parameters()
+    _, alphas, op_mask = trainer.best_state()
     # the meta-architecture at the temperature the adapted models are read out at
     genotype = derive_genotype(alphas, trainer.search_space,
-                               temperature=trainer.eval_inner.temperature(trainer.eval_inner.steps))
+                               temperature=trainer.eval_inner.temperature(trainer.eval_inner.steps),
+                               op_mask=op_mask)
     gain = result.architecture_gain()
     metrics = {
         "accuracy": result.accuracy,

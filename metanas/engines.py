@@ -23,7 +23,8 @@ threads do overlap.
 :func:`torch.func.functional_call` swaps a module's tensors while it runs, so two threads must
 never share a module: each worker owns a replica of the network. A replica is only a container
 for the forward function (weights and alphas are always passed explicitly), is built once,
-and is never updated. Results come back in input order, so any reduction over them sums in the
+and is never updated, except for the op mask of a shrinking supernet, which the trainer sets
+on every replica between meta-steps (:meth:`TaskPool.networks`). Results come back in input order, so any reduction over them sums in the
 same order as a plain loop and gives bit-identical results.
 """
 
@@ -95,10 +96,18 @@ class TaskPool:
         self.workers = workers
         self._executor: ThreadPoolExecutor | None = None
         self._replicas: queue.SimpleQueue[nn.Module] = queue.SimpleQueue()
+        self._networks: list[nn.Module] = [net]
         if workers > 1:
             self._executor = ThreadPoolExecutor(workers, thread_name_prefix="metanas-task")
             for _ in range(workers):
-                self._replicas.put(copy.deepcopy(net))
+                replica = copy.deepcopy(net)
+                self._networks.append(replica)
+                self._replicas.put(replica)
+
+    def networks(self) -> list[nn.Module]:
+        """The network and its replicas, e.g. to give them all a new op mask between calls of
+        :meth:`map` (never while one runs)."""
+        return list(self._networks)
 
     def map(self, fn: Callable[[nn.Module, T], R], items: Sequence[T]) -> list[R]:
         """``[fn(replica, item) for item in items]``, computed concurrently, in input order."""

@@ -35,6 +35,7 @@ from .inner import Adapted, InnerLoopConfig, adapt, alpha_displacement, predict
 from .engines import TaskPool
 from .search_space import (
     Genotype,
+    OpMask,
     SearchSpaceConfig,
     derive_genotype,
     genotype_distance,
@@ -207,7 +208,8 @@ def evaluate(
     weights = {k: v.detach() for k, v in weights.items()}
     alphas = {k: v.detach() for k, v in alphas.items()}
     read_out = inner.temperature(inner.steps)
-    reference = derive_genotype(alphas, search_space, temperature=read_out) if alphas else None
+    op_mask = getattr(net, "op_mask", None)  # a shrunk supernet: genotypes of its kept ops
+    reference = derive_genotype(alphas, search_space, temperature=read_out, op_mask=op_mask) if alphas else None
 
     compare_frozen = compare_frozen and bool(alphas)
 
@@ -218,7 +220,7 @@ def evaluate(
     def one(replica: nn.Module, task: Task) -> tuple[float, Genotype | None, Mapping[str, float]]:
         adapted = adapt(replica, weights, alphas, task.support_x, task.support_y, inner)
         genotype = (
-            derive_genotype(adapted.alphas, search_space, temperature=adapted.temperature)
+            derive_genotype(adapted.alphas, search_space, temperature=adapted.temperature, op_mask=op_mask)
             if adapted.alphas else None  # a fixed-architecture network has no genotype
         )
         extras = dict(extra(replica, task, adapted, genotype)) if extra else {}
@@ -254,7 +256,7 @@ def evaluate(
     div: dict[str, float] = {}
     if genotypes:
         sizes = extras.pop(DISPLACEMENT)
-        noise = _noise_genotypes(alphas, sizes, search_space, read_out)
+        noise = _noise_genotypes(alphas, sizes, search_space, read_out, op_mask)
         div = {**diversity(genotypes, reference), "mean_alpha_displacement": float(np.mean(sizes)),
                **{f"noise_{k}": v for k, v in diversity(noise, reference).items()}}
     return EvalResult(mean, ci, n_tasks, tuple(accs), tuple(genotypes), div, extras)
@@ -264,7 +266,8 @@ DISPLACEMENT = "alpha_displacement"
 
 
 def _noise_genotypes(
-    alphas: Mapping[str, Tensor], sizes: Sequence[float], space: SearchSpaceConfig, temperature: float
+    alphas: Mapping[str, Tensor], sizes: Sequence[float], space: SearchSpaceConfig, temperature: float,
+    op_mask: OpMask | None = None,
 ) -> list[Genotype]:
     """Genotypes of the meta-alphas moved by isotropic noise of each given L2 size (seed 0)."""
     gen = torch.Generator().manual_seed(0)
@@ -273,7 +276,7 @@ def _noise_genotypes(
         noise = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in alphas.items()}
         norm = float(torch.sqrt(sum((n**2).sum() for n in noise.values())))
         moved = {k: alphas[k].cpu().double() + (size / max(norm, 1e-30)) * noise[k] for k in alphas}
-        out.append(derive_genotype(moved, space, temperature=temperature))
+        out.append(derive_genotype(moved, space, temperature=temperature, op_mask=op_mask))
     return out
 
 

@@ -54,7 +54,8 @@ from .inner import InnerLoopConfig
 from .io import remove_stale_temporaries
 from .logger import RunLogger
 from .engines import TaskPool, default_workers
-from .search_space import SearchSpaceConfig, architecture_stats, op_weights
+from .search_space import OpMask, SearchSpaceConfig, architecture_stats, check_op_mask, full_op_mask, op_weights
+from .shrink import ShrinkConfig, kept_count, removed_weight_names, shrink_check, zero_counts
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,8 @@ class TrainerConfig:
             comparisons at equal wall time; the number of steps it allows depends on the
             machine, so a run with a budget reproduces only on the same machine and load.
             A ``linear`` meta learning-rate schedule still decays towards ``meta_steps``.
+        shrink: progressive shrinking of the supernet (:class:`metanas.shrink.ShrinkConfig`;
+            a mapping of its settings is accepted); off by default.
     """
 
     meta_steps: int = 1000
@@ -118,8 +121,10 @@ class TrainerConfig:
     progress: bool | None = None
     recompute_cells: bool = False
     time_budget_min: float | None = None
+    shrink: ShrinkConfig = ShrinkConfig()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "shrink", ShrinkConfig.from_value(self.shrink))
         # every count is an integer (a bool or 2.5 is not) in range; the message names the key
         counts = {"meta_batch_size": 1, "n_val_tasks": 1, "n_test_tasks": 1, "log_every": 1,
                   "meta_steps": 0, "alpha_warmup_steps": 0, "val_every": 0, "ckpt_every": 0,
@@ -176,16 +181,20 @@ def _all_finite(tensors: Iterable[Tensor]) -> bool:
 
 
 def _apply(
-    optimizer: torch.optim.Optimizer, params: Mapping[str, nn.Parameter], grads: Mapping[str, Tensor]
+    optimizer: torch.optim.Optimizer, params: Mapping[str, nn.Parameter], grads: Mapping[str, Tensor],
+    frozen: frozenset[str] | set[str] = frozenset(),
 ) -> None:
     """One optimiser step with ``grads`` as the gradients of ``params``.
 
     Gradients are assigned, never gated on an existing ``.grad``: ``zero_grad`` sets them to
-    None on torch >= 2, and a gate would silently skip the update.
+    None on torch >= 2, and a gate would silently skip the update. The parameters named in
+    ``frozen`` (the weights of removed ops) get no gradient, so the optimiser leaves them
+    and their state alone.
     """
     optimizer.zero_grad(set_to_none=True)
     for name, p in params.items():
-        p.grad = grads[name].to(p.dtype)
+        if name not in frozen:
+            p.grad = grads[name].to(p.dtype)
     optimizer.step()
 
 
@@ -265,6 +274,14 @@ class MetaTrainer:
         )
         self.search_space = search_space
         self.cfg = cfg
+        if cfg.shrink.enabled:
+            if not self.alphas or not hasattr(self.net, "set_op_mask"):
+                raise ConfigError(f"trainer.shrink.every={cfg.shrink.every} needs a supernet with alphas; "
+                                  f"{type(net).__name__} has no ops to remove: set trainer.shrink.every=0")
+            cfg.shrink.check_space(search_space)
+        self.op_mask: OpMask | None = full_op_mask(search_space) if self.alphas else None
+        self.shrink_counts = zero_counts(self.op_mask) if self.op_mask is not None else None
+        self._frozen_weights: set[str] = set()
         self.run_dir = Path(run_dir)
         self.seed = seed
         self.config = config or {}
@@ -346,7 +363,19 @@ class MetaTrainer:
             "best": dict(self.best),
             "history": list(self.history),
             "config": self.config,
+            **({"op_mask": _lists(self.op_mask), "shrink_counts": _lists(self.shrink_counts)}
+               if self.op_mask is not None else {}),
         }
+
+    def set_op_mask(self, mask: Mapping[str, Any] | None) -> None:
+        """Keep only the ops of ``mask`` (None: all) on the network and every task replica."""
+        if self.op_mask is None:
+            return  # a fixed-architecture network
+        full = full_op_mask(self.search_space)
+        self.op_mask = full if mask is None else check_op_mask(self.search_space, mask)
+        for net in self.pool.networks():
+            net.set_op_mask(self.op_mask)
+        self._frozen_weights = removed_weight_names(self.op_mask, self.net)
 
     def _check_meta_optimizers(self, state: Mapping[str, Any], source: str) -> None:
         """Refuse a state whose meta-optimisers are not of this trainer's classes.
@@ -410,6 +439,13 @@ class MetaTrainer:
         self.train_time = float(state["train_time"])
         self.best = dict(state["best"])
         self.history = list(state["history"])
+        # states written without shrinking keep every op
+        if self.op_mask is not None:
+            self.set_op_mask(state.get("op_mask"))
+            counts = state.get("shrink_counts")
+            self.shrink_counts = (zero_counts(self.op_mask) if counts is None
+                                  else {k: tuple(tuple(int(c) for c in r) for r in rows)
+                                        for k, rows in counts.items()})
         self._start_lr_schedules(self.step)  # from the step: no checkpoint holds a schedule state
 
     def resume(self, path: str | Path) -> None:
@@ -487,7 +523,7 @@ class MetaTrainer:
             bad = [kind for kind, part in parts.items() if not _all_finite(part.values())]
             raise self._diverged(f"the meta-gradient of the {' and '.join(bad)} is not finite "
                                  "(with finite losses)", self.step + 1)
-        _apply(self.opt_weights, self.weights, grads.weights)
+        _apply(self.opt_weights, self.weights, grads.weights, self._frozen_weights)
         updated = list(self.weights.values())
         if grads.alphas is not None and self.opt_alphas is not None:
             _apply(self.opt_alphas, self.alphas, grads.alphas)
@@ -504,11 +540,25 @@ class MetaTrainer:
             "lr_weights": self.opt_weights.param_groups[0]["lr"],
             "lr_alphas": self.opt_alphas.param_groups[0]["lr"] if self.opt_alphas else 0.0,
         }
+        if self.cfg.shrink.due(self.step + 1):
+            self._shrink(self.step + 1)
         if self.alphas:
             row.update(self.architecture_row(grads.alpha_displacement))
+        if self.cfg.shrink.enabled:
+            row["ops_kept"] = float(kept_count(self.op_mask, self.search_space))
         self._next_learning_rates()
         self.step += 1
         return row
+
+    def _shrink(self, step: int) -> None:
+        """One check of the shrinking rule (:mod:`metanas.shrink`) after meta-step ``step``."""
+        mask, self.shrink_counts, removed = shrink_check(
+            self.alphas, self.op_mask, self.shrink_counts, self.search_space, self.cfg.shrink)
+        if removed:
+            self.set_op_mask(mask)
+            log.info("meta-step %d: shrinking removed %d op(s): %s; %d ops kept", step, len(removed),
+                     ", ".join(f"{r.kind} edge {r.edge} {r.op} (weight {r.weight:.3g})" for r in removed),
+                     kept_count(self.op_mask, self.search_space))
 
     def architecture_row(self, displacement: float) -> dict[str, float]:
         """Architecture statistics of the meta-alphas after a meta-step, for the log.
@@ -520,12 +570,18 @@ class MetaTrainer:
         ``op/<kind>/<edge>/<op>`` (the alpha-evolution plot of :mod:`metanas.logger`).
         """
         temperature = self.eval_inner.temperature(self.eval_inner.steps)
-        row = {**architecture_stats(self.alphas, self.search_space, temperature),
+        mask = self.net_op_mask
+        row = {**architecture_stats(self.alphas, self.search_space, temperature, mask),
                "alpha_displacement": displacement}
-        for kind, w in op_weights(self.alphas, self.search_space, temperature).items():
+        for kind, w in op_weights(self.alphas, self.search_space, temperature, mask).items():
             for e, edge in enumerate(w.tolist()):
                 row.update({f"op/{kind}/{e}/{op}": v for op, v in zip(self.search_space.ops, edge)})
         return row
+
+    @property
+    def net_op_mask(self) -> OpMask | None:
+        """The network's op mask: None while every op is kept."""
+        return getattr(self.net, "op_mask", None)
 
     @property
     def n_parameters(self) -> int:
@@ -631,18 +687,41 @@ class MetaTrainer:
 
     def best_parameters(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Meta-weights and meta-alphas of the best validated state (the current ones if none)."""
+        weights, alphas, _ = self.best_state()
+        return weights, alphas
+
+    def best_state(self) -> tuple[dict[str, Tensor], dict[str, Tensor], OpMask | None]:
+        """Meta-weights, meta-alphas and op mask (None: every op kept, or no alphas) of the
+        best validated state (the current ones if none)."""
         path = rundir.checkpoint_path(self.run_dir, rundir.BEST_CKPT)
         if not self.best or not path.is_file():
-            return dict(self.weights), dict(self.alphas)
+            return dict(self.weights), dict(self.alphas), self.net_op_mask
         state = load_checkpoint(path, self.search_space.to_dict(), self.device)
-        return dict(state["weights"]), dict(state["alphas"])
+        mask = state.get("op_mask") if self.op_mask is not None else None
+        if mask is not None:
+            mask = check_op_mask(self.search_space, mask)
+            mask = None if mask == full_op_mask(self.search_space) else mask
+        return dict(state["weights"]), dict(state["alphas"]), mask
 
     def test(self, n_tasks: int | None = None) -> EvalResult:
         """Meta-test the best validated meta-parameters on the test split (with the
-        frozen-alpha comparison on the same tasks when ``compare_frozen_alphas``)."""
-        weights, alphas = self.best_parameters()
-        return self._evaluate("test", n_tasks or self.cfg.n_test_tasks, TEST_SEED, weights, alphas,
-                              self.cfg.compare_frozen_alphas)
+        frozen-alpha comparison on the same tasks when ``compare_frozen_alphas``), adapting
+        within the supernet those parameters were meta-trained with (their op mask)."""
+        weights, alphas, mask = self.best_state()
+        current = self.op_mask
+        if self.op_mask is not None:
+            self.set_op_mask(mask)
+        try:
+            return self._evaluate("test", n_tasks or self.cfg.n_test_tasks, TEST_SEED, weights, alphas,
+                                  self.cfg.compare_frozen_alphas)
+        finally:
+            if current is not None:
+                self.set_op_mask(current)
+
+
+def _lists(mask: Mapping[str, Any]) -> dict[str, list[list[Any]]]:
+    """A mask (or counts) as plain nested lists, for the checkpoint."""
+    return {k: [list(r) for r in rows] for k, rows in mask.items()}
 
 
 __all__ = ["MetaTrainer", "TrainerConfig"]

@@ -10,10 +10,13 @@ from metanas.search_space.genotype import (
     op_weights,
 )
 from metanas.search_space.network import (
+    OpMask,
     SearchNetwork,
     SearchSpaceConfig,
     alpha_shapes,
     check_alphas,
+    check_op_mask,
+    full_op_mask,
     init_alphas,
 )
 from metanas.search_space.normalizer import (
@@ -28,6 +31,7 @@ __all__ = [
     "OPS",
     "OP_PRESETS",
     "DiscreteNetwork",
+    "OpMask",
     "Genotype",
     "SearchNetwork",
     "SearchSpaceConfig",
@@ -37,6 +41,8 @@ __all__ = [
     "build_op",
     "cell_kinds",
     "check_alphas",
+    "check_op_mask",
+    "full_op_mask",
     "derive_genotype",
     "genotype_distance",
     "init_alphas",

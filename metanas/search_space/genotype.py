@@ -17,7 +17,13 @@ import torch
 from torch import Tensor
 
 from metanas.errors import ConfigError
-from metanas.search_space.network import SearchSpaceConfig, alpha_shapes, check_alphas
+from metanas.search_space.network import (
+    OpMask,
+    SearchSpaceConfig,
+    alpha_shapes,
+    check_alphas,
+    keep_tensor,
+)
 from metanas.search_space.normalizer import (
     node_offsets,
     normalize_alphas,
@@ -151,10 +157,14 @@ class Genotype:
 
 
 def _derive_cell(
-    w: Tensor, beta: Tensor | None, ops: tuple[str, ...], n_nodes: int, k: int
+    w: Tensor, beta: Tensor | None, ops: tuple[str, ...], n_nodes: int, k: int,
+    kept: Tensor | None = None,
 ) -> tuple[Node, ...]:
-    """Genotype nodes from op weights ``w`` ``(n_edges, n_ops)`` and edge weights ``beta``."""
+    """Genotype nodes from op weights ``w`` ``(n_edges, n_ops)`` and edge weights ``beta``;
+    ``kept`` ``(n_edges, n_ops)``: the ops of a shrunk supernet (None: all)."""
     keep = torch.tensor([o != "none" for o in ops])
+    if kept is not None:
+        keep = keep & kept
     masked = torch.where(keep, w, torch.full_like(w, -1.0))  # weights are >= 0, so -1 never wins
     best_w, _ = masked.max(dim=-1)
     strength = best_w if beta is None else best_w * beta
@@ -174,7 +184,11 @@ def _derive_cell(
 
 
 def derive_genotype(
-    alphas: Mapping[str, Tensor], cfg: SearchSpaceConfig, k: int = 2, temperature: float = 1.0
+    alphas: Mapping[str, Tensor],
+    cfg: SearchSpaceConfig,
+    k: int = 2,
+    temperature: float = 1.0,
+    op_mask: OpMask | None = None,
 ) -> Genotype:
     """Discretise alphas with the DARTS rule.
 
@@ -184,13 +198,16 @@ def derive_genotype(
     are kept (``k`` capped at the node's ``2 + i`` inputs) and listed in ascending input order,
     each with its strongest non-``none`` op. Ties go to the lowest index. ``concat`` is all
     intermediate nodes, ``(2, ..., 1 + n_nodes)``. A cell kind the network does not have
-    (no normal cell, or no reduction cell) is left empty.
+    (no normal cell, or no reduction cell) is left empty. With ``op_mask`` (a shrunk
+    supernet's :attr:`~metanas.search_space.SearchNetwork.op_mask`) only kept ops exist: the
+    softmax runs over them and a removed op is never chosen.
 
     Args:
         alphas: the dict of :func:`alpha_shapes` (any float dtype/device).
         cfg: the search-space config.
         k: edges kept per node (>= 1).
         temperature: softmax temperature.
+        op_mask: the kept ops (None: all).
     """
     if not _is_int(k) or k < 1:
         raise ConfigError(f"k (edges kept per node) must be a positive integer, got {k!r}")
@@ -202,13 +219,14 @@ def derive_genotype(
             if kind not in alpha_shapes(cfg):
                 continue
             a = alphas[kind].detach().cpu().double()
-            w = normalize_alphas(a, temperature, cfg.prune_threshold)
+            kept = keep_tensor(op_mask, kind, a)
+            w = normalize_alphas(a, temperature, cfg.prune_threshold, kept)
             beta = (
                 normalize_edge_alphas(alphas[f"{kind}_edges"].detach().cpu().double(), cfg.n_nodes)
                 if cfg.pairwise_input_alphas
                 else None
             )
-            cells[kind] = _derive_cell(w, beta, cfg.ops, cfg.n_nodes, k)
+            cells[kind] = _derive_cell(w, beta, cfg.ops, cfg.n_nodes, k, kept)
     # only the cell kinds the network has: a supernet of reduction cells alone has normal
     # alphas (the alpha layout is fixed) that no cell reads
     kinds = {kind: kind in cell_kinds(cfg) for kind in ("normal", "reduce")}
@@ -228,27 +246,34 @@ def cell_kinds(cfg: SearchSpaceConfig) -> tuple[str, ...]:
 
 
 def op_weights(
-    alphas: Mapping[str, Tensor], cfg: SearchSpaceConfig, temperature: float = 1.0
+    alphas: Mapping[str, Tensor], cfg: SearchSpaceConfig, temperature: float = 1.0,
+    op_mask: OpMask | None = None,
 ) -> dict[str, Tensor]:
-    """Kind -> op weights ``(n_edges, n_ops)`` (normalised, pruned) of the cell kinds present."""
+    """Kind -> op weights ``(n_edges, n_ops)`` (normalised, pruned) of the cell kinds present;
+    with ``op_mask`` over the kept ops only (removed ops: 0)."""
+    out = {}
     with torch.no_grad():
-        return {kind: normalize_alphas(alphas[kind].detach().cpu().double(), temperature,
-                                       cfg.prune_threshold)
-                for kind in cell_kinds(cfg)}
+        for kind in cell_kinds(cfg):
+            a = alphas[kind].detach().cpu().double()
+            out[kind] = normalize_alphas(a, temperature, cfg.prune_threshold,
+                                         keep_tensor(op_mask, kind, a))
+    return out
 
 
 def architecture_stats(
-    alphas: Mapping[str, Tensor], cfg: SearchSpaceConfig, temperature: float = 1.0
+    alphas: Mapping[str, Tensor], cfg: SearchSpaceConfig, temperature: float = 1.0,
+    op_mask: OpMask | None = None,
 ) -> dict[str, float]:
     """How decided the architecture is, per cell kind present (``<kind>`` below).
 
     Returns:
         ``entropy_<kind>``: mean over edges of the op weights' entropy relative to the
         uniform distribution's, ``log(n_ops)`` (1: uniform, 0: one op); ``max_weight_<kind>``:
-        the largest op weight of any edge (``1 / n_ops`` when uniform).
+        the largest op weight of any edge (``1 / n_ops`` when uniform). With ``op_mask``
+        the weights are those over the kept ops (the entropy still relative to ``log(n_ops)``).
     """
     out = {}
-    for kind, w in op_weights(alphas, cfg, temperature).items():
+    for kind, w in op_weights(alphas, cfg, temperature, op_mask).items():
         entropy = -(w * torch.log(w.clamp_min(1e-300))).sum(dim=-1)
         out[f"entropy_{kind}"] = float(entropy.mean() / math.log(cfg.n_ops))
         out[f"max_weight_{kind}"] = float(w.max())

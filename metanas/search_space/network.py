@@ -52,8 +52,15 @@ __all__ = [
     "alpha_shapes",
     "cell_layout",
     "check_alphas",
+    "check_op_mask",
+    "full_op_mask",
     "init_alphas",
+    "keep_tensor",
 ]
+
+OpMask = dict[str, tuple[tuple[bool, ...], ...]]
+"""Kept ops of a shrunk supernet: cell kind (``normal``/``reduce``) -> ``mask[e][o]``, True
+when op ``o`` (index in ``cfg.ops``) of edge ``e`` is kept."""
 
 
 def _positive_int(name: str, value: Any) -> None:
@@ -222,6 +229,48 @@ def check_alphas(cfg: SearchSpaceConfig, alphas: Mapping[str, Tensor]) -> None:
             )
 
 
+def full_op_mask(cfg: SearchSpaceConfig) -> OpMask:
+    """The mask that keeps every op of every edge (for the op-weight kinds of the alphas)."""
+    return {k: tuple((True,) * cfg.n_ops for _ in range(cfg.n_edges))
+            for k, shape in alpha_shapes(cfg).items() if len(shape) == 2}
+
+
+def check_op_mask(cfg: SearchSpaceConfig, mask: Mapping[str, Any]) -> OpMask:
+    """Validate a mask of kept ops (lists or tuples of bools) and return it as tuples.
+
+    Raises:
+        ConfigError: other kinds than the alphas' op-weight kinds, a wrong shape, a value that
+            is not a bool, or an edge without any kept op.
+    """
+    expected = full_op_mask(cfg)
+    if not isinstance(mask, Mapping) or set(mask) != set(expected):
+        got = sorted(mask) if isinstance(mask, Mapping) else type(mask).__name__
+        raise ConfigError(f"op mask has kinds {got}, this search space expects {sorted(expected)}")
+    out: OpMask = {}
+    for kind in expected:
+        rows = mask[kind]
+        ok = (isinstance(rows, (list, tuple)) and len(rows) == cfg.n_edges
+              and all(isinstance(r, (list, tuple)) and len(r) == cfg.n_ops
+                      and all(isinstance(v, bool) for v in r) for r in rows))
+        if not ok:
+            raise ConfigError(
+                f"op mask {kind!r} must be {cfg.n_edges} edges x {cfg.n_ops} ops of true/false; "
+                "it does not match the search space"
+            )
+        empty = [e for e, r in enumerate(rows) if not any(r)]
+        if empty:
+            raise ConfigError(f"op mask {kind!r} keeps no op on edge(s) {empty}; keep at least one op per edge")
+        out[kind] = tuple(tuple(r) for r in rows)
+    return out
+
+
+def keep_tensor(mask: OpMask | None, kind: str, like: Tensor) -> Tensor | None:
+    """``mask[kind]`` as a bool tensor ``(n_edges, n_ops)`` on ``like``'s device (None: no mask)."""
+    if mask is None:
+        return None
+    return torch.tensor(mask[kind], dtype=torch.bool, device=like.device)
+
+
 class CellSpec(NamedTuple):
     """Channel layout of one cell: inputs ``C_pp`` (s0), ``C_p`` (s1), node channels ``C``."""
 
@@ -378,9 +427,15 @@ class SearchNetwork(nn.Module):
     with an exactly zero gradient). Under a ``torch.func`` transform (``vmap``)
     the mask cannot be read in Python and every op is computed.
 
+    A shrunk supernet (:attr:`op_mask`, set with :meth:`set_op_mask`) never computes its
+    removed ops, under ``torch.func`` transforms too (the mask is plain Python state): the
+    op weights are a softmax over the kept ops only, and the removed ops' weights take no
+    part in the graph (their gradients are absent, i.e. zero).
+
     Attributes:
         cfg: the :class:`SearchSpaceConfig` it was built from.
         stem, cells, classifier: submodules (see the module docstring for parameter names).
+        op_mask: the kept ops (:data:`OpMask`), or None when every op is kept.
         skip_pruned_ops: skip pruned ops (default True); False computes every op.
         recompute_cells: keep only each cell's inputs during the forward pass and recompute
             its activations in the backward pass (:func:`torch.utils.checkpoint.checkpoint`,
@@ -399,6 +454,19 @@ class SearchNetwork(nn.Module):
         self.stem = make_stem(cfg)
         self.cells = nn.ModuleList(SearchCell(s, cfg.n_nodes, cfg.ops) for s in specs)
         self.classifier = nn.Linear(C_out, cfg.n_classes)
+        self.op_mask: OpMask | None = None
+
+    def set_op_mask(self, mask: Mapping[str, Any] | None) -> None:
+        """Keep only the ops of ``mask`` (see :data:`OpMask`); None or a full mask keeps all.
+
+        Raises:
+            ConfigError: a mask that does not fit the search space (:func:`check_op_mask`).
+        """
+        if mask is None:
+            self.op_mask = None
+            return
+        mask = check_op_mask(self.cfg, mask)
+        self.op_mask = None if mask == full_op_mask(self.cfg) else mask
 
     def forward(
         self, x: Tensor, alphas: Mapping[str, Tensor], temperature: float | Tensor = 1.0
@@ -420,14 +488,16 @@ class SearchNetwork(nn.Module):
         check_input(cfg, x)
         check_alphas(cfg, alphas)
         kinds = ["normal", "reduce"] if "reduce" in alphas else ["normal"]
-        weights = {k: normalize_alphas(alphas[k], temperature, cfg.prune_threshold) for k in kinds}
+        mask = self.op_mask
+        weights = {k: normalize_alphas(alphas[k], temperature, cfg.prune_threshold,
+                                       keep_tensor(mask, k, alphas[k])) for k in kinds}
         betas: dict[str, Tensor | None] = {
             k: normalize_edge_alphas(alphas[f"{k}_edges"], cfg.n_nodes)
             if cfg.pairwise_input_alphas
             else None
             for k in kinds
         }
-        active = {k: self._active_ops(w) for k, w in weights.items()}
+        active = {k: self._active_ops(w, None if mask is None else mask[k]) for k, w in weights.items()}
         s0 = s1 = self.stem(x)
         recompute = self.recompute_cells and torch.is_grad_enabled() and is_plain(x)
         for cell in self.cells:
@@ -436,32 +506,41 @@ class SearchNetwork(nn.Module):
             out = _recomputed(cell, args) if recompute else cell(*args)
             s0, s1 = s1, out
         logits = self.classifier(s1.mean(dim=(2, 3)))
-        skipped = self._skipped_weights(active)
+        skipped = self._skipped_weights(active, mask)
         if skipped:
             # keep the skipped ops' weights in the graph with an exactly zero gradient, as if
             # their outputs had been multiplied by zero (callers may differentiate w.r.t. them)
             logits = logits + 0.0 * torch.stack([p.sum() for p in skipped]).sum()
         return logits
 
-    def _skipped_weights(self, active: Mapping[str, list[list[bool]] | None]) -> list[Tensor]:
-        """The parameters of the ops that ``active`` leaves out."""
+    def _skipped_weights(
+        self, active: Mapping[str, Sequence[Sequence[bool]] | None], op_mask: OpMask | None
+    ) -> list[Tensor]:
+        """The parameters of the kept ops (``op_mask``) that ``active`` leaves out (pruned)."""
         out = []
         for cell in self.cells:
-            mask = active["reduce" if cell.reduction else "normal"]
+            kind = "reduce" if cell.reduction else "normal"
+            mask = active[kind]
             if mask is None:
                 continue
             for e, edge in enumerate(cell.edges):
                 for o, op in enumerate(edge.ops):
-                    if not mask[e][o]:
+                    if not mask[e][o] and (op_mask is None or op_mask[kind][e][o]):
                         out.extend(op.parameters())
         return out
 
-    def _active_ops(self, w: Tensor) -> list[list[bool]] | None:
-        """``(w != 0).tolist()`` for normalised op weights ``w`` ``(n_edges, n_ops)`` when
-        pruned ops can be skipped, else None (compute every op)."""
+    def _active_ops(
+        self, w: Tensor, kept: Sequence[Sequence[bool]] | None = None
+    ) -> Sequence[Sequence[bool]] | None:
+        """Which ops to compute: the kept ops (``kept``, the op mask of this kind; None: all)
+        that soft pruning leaves a non-zero weight, ``w != 0`` for normalised op weights
+        ``w`` ``(n_edges, n_ops)``, when pruned ops can be skipped. None: compute every op."""
         if not (self.skip_pruned_ops and self.cfg.prune_threshold > 0 and is_plain(w)):
-            return None
-        return (w != 0).tolist()
+            return kept
+        nonzero = (w != 0).tolist()
+        if kept is None:
+            return nonzero
+        return [[a and b for a, b in zip(r, k)] for r, k in zip(nonzero, kept)]
 
     def edge_index(self, node: int, input_idx: int) -> int:
         """Index of the edge into intermediate node ``node`` from state ``input_idx``."""

@@ -19,9 +19,17 @@ _MODES = ("linear", "exponential", "constant")
 
 
 def normalize_alphas(
-    alpha: Tensor, temperature: float | Tensor = 1.0, prune_threshold: float = 0.0
+    alpha: Tensor,
+    temperature: float | Tensor = 1.0,
+    prune_threshold: float = 0.0,
+    keep: Tensor | None = None,
 ) -> Tensor:
     """Tempered softmax over the last dim, then soft pruning of small weights.
+
+    With ``keep`` (a bool mask broadcastable against ``alpha``, e.g. the kept ops of a shrunk
+    supernet) the softmax runs over the kept entries only: the others are exactly 0, get an
+    exactly zero gradient, and the kept weights renormalise among themselves (pruning then
+    acts on those renormalised weights). Every row needs at least one kept entry.
 
     ``w = softmax(alpha / temperature)``; entries with ``w < min(prune_threshold, max(w))`` are
     set to exactly 0 and the row is renormalised to sum to 1. The row maximum is therefore always
@@ -33,6 +41,7 @@ def normalize_alphas(
         temperature: softmax temperature (> 0); a Python number or a tensor broadcastable
             against ``alpha``.
         prune_threshold: weight below which an op is pruned, in ``[0, 1)``.
+        keep: ``(..., n_ops)`` bool mask of the entries that exist (None: all).
 
     Returns:
         Weights of shape ``(..., n_ops)``, rows summing to 1.
@@ -45,6 +54,8 @@ def normalize_alphas(
     if not 0.0 <= prune_threshold < 1.0:
         raise ConfigError(f"prune_threshold must be in [0, 1), got {prune_threshold}")
     z = alpha / temperature
+    if keep is not None:
+        z = z.masked_fill(~keep, float("-inf"))
     w = torch.softmax(z, dim=-1)
     if prune_threshold == 0.0:
         return w
