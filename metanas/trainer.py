@@ -74,8 +74,8 @@ class TrainerConfig:
         meta_batch_size: tasks per outer-loop update.
         alpha_warmup_steps: first meta-steps during which the alphas are neither adapted nor
             meta-updated (weights warm up first, as in DARTS and MetaNAS).
-        meta_lr_schedule: "constant", or "linear" decay of both meta learning rates to zero at
-            ``meta_steps`` (the Reptile schedule).
+        meta_lr_schedule: "constant", or "linear" decay of every meta learning rate (weights,
+            alphas, and Meta-SGD's learned rates) to zero at ``meta_steps`` (the Reptile schedule).
         val_every: meta-validate every this many steps (0: never); the best state is kept.
         n_val_tasks: tasks per meta-validation.
         ckpt_every: write ``last.ckpt`` every this many steps (and always at the end).
