@@ -550,6 +550,17 @@ def test_smoke_runs_with_meta_sgd_and_with_the_entropy_regulariser(tmp_path):
     state = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     assert any(not torch.all(v == 0.1) for v in state["rates"]["weights"].values())
     assert "inner_rate_weights_mean" in (run_dir / "train_log.csv").read_text().splitlines()[0]
+    # metanas-adapt adapts with the learned rates and refuses a scalar rate that would be ignored
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    for extra, code in (([], 0), (["inner.lr_weights=0.5"], 2)):
+        out = tmp_path / f"adapt{code}"
+        proc = subprocess.run([sys.executable, "-m", "metanas.adapt_cli", f"checkpoint={ckpt}", "task=omniglot",
+                               "n_tasks=2", "finetune_steps=0", f"out={out}", *extra], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == code, proc.stderr[-3000:]
+        assert (out / "metrics.json").exists() == (code == 0)
+    assert "inner.lr_weights=0.5 has no effect" in proc.stderr
 
     run_dir = tmp_path / "entropy"
     proc = _cli(*SHORT, "inner.entropy_weight=0.05", "inner.entropy_objective=both",
