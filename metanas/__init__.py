@@ -17,7 +17,7 @@ from metanas.tasks import ImageFolderTasks, OmniglotTasks, Task, TaskSampler, ch
 from .algorithms import FOMAML, MAML, Reptile
 from .errors import MetaNASError
 from .evaluate import evaluate
-from .inner import InnerLoopConfig, adapt, predict
+from .inner import InnerLoopConfig, LearnedRates, adapt, predict
 from .search_space import Genotype, SearchNetwork, SearchSpaceConfig, derive_genotype, init_alphas
 from .trainer import MetaTrainer, TrainerConfig
 
@@ -29,6 +29,7 @@ __all__ = [
     "Genotype",
     "ImageFolderTasks",
     "InnerLoopConfig",
+    "LearnedRates",
     "MetaNASError",
     "MetaTrainer",
     "OmniglotTasks",

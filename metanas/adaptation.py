@@ -42,7 +42,7 @@ from metanas.tasks.core import check_int
 from .checkpoint import load_checkpoint
 from .errors import CheckpointError, ConfigError
 from .evaluate import evaluate, mean_ci95
-from .inner import Adapted, InnerLoopConfig, adapt, predict
+from .inner import Adapted, InnerLoopConfig, LearnedRates, adapt, predict
 from .engines import TaskPool, default_workers
 from .search_space import (
     DiscreteNetwork,
@@ -78,6 +78,8 @@ class MetaModel:
         inner: the inner loop to adapt with (the checkpoint's, unless overridden).
         image_size: the image side length it was meta-trained on, if the checkpoint records it.
         path: the checkpoint file.
+        rates: Meta-SGD's learned inner rates, when it was meta-trained with
+            ``inner.meta_sgd`` (then every adaptation uses them); else None.
     """
 
     net: SearchNetwork
@@ -87,6 +89,7 @@ class MetaModel:
     inner: InnerLoopConfig
     image_size: int | None
     path: Path
+    rates: LearnedRates | None = None
 
     @property
     def genotype(self) -> Genotype:
@@ -152,7 +155,27 @@ def load_meta_model(
         unknown = sorted(set(overrides) - {f.name for f in fields(InnerLoopConfig)})
         if unknown:
             raise ConfigError(f"unknown inner-loop setting(s) {unknown}; see metanas.inner.InnerLoopConfig")
+        if (inner.meta_sgd or state.get("rates")) and {"lr_weights", "lr_alphas"} & set(overrides):
+            key = "lr_weights" if "lr_weights" in overrides else "lr_alphas"
+            raise ConfigError(
+                f"inner.{key}={overrides[key]} has no effect: checkpoint {path} adapts with its learned "
+                f"per-element inner rates (inner.meta_sgd=true); leave inner.{key}=null"
+            )
         inner = replace(inner, **overrides)
+    rates = None
+    if state.get("rates") and "meta_sgd" not in overrides:  # the rates say how it was trained
+        inner = replace(inner, meta_sgd=True)
+    if inner.meta_sgd:
+        saved = state.get("rates")
+        alphas = state["alphas"]
+        if (not isinstance(saved, dict) or set(saved.get("weights") or {}) != set(weights)
+                or set(saved.get("alphas") or {}) != set(alphas)):
+            raise CheckpointError(
+                f"checkpoint {path} holds no matching learned inner rates, which inner.meta_sgd=true "
+                "needs; it is damaged or was edited: use another checkpoint (or inner.meta_sgd=false)"
+            )
+        rates = LearnedRates({k: v.to(device) for k, v in saved["weights"].items()},
+                             {k: v.to(device) for k, v in saved["alphas"].items()})
     image_size = (config.get("task") or {}).get("image_size")
     return MetaModel(
         net=net,
@@ -162,6 +185,7 @@ def load_meta_model(
         inner=inner,
         image_size=int(image_size) if image_size else None,
         path=Path(path),
+        rates=rates,
     )
 
 
@@ -242,7 +266,8 @@ def adapt_support(
         model: the meta-model.
         support_x: ``(N*K, C, H, W)`` (any number of images per class).
         support_y: ``(N*K,)`` labels in ``0..n_way-1``.
-        finetune_steps: optional SGD steps (learning rate ``inner.lr_weights``) on the
+        finetune_steps: optional SGD steps (learning rate ``inner.lr_weights``, also with
+            Meta-SGD: the learned rates belong to the supernet's weights) on the
             discrete network's weights over the support set after discretisation; 0 keeps the
             inherited weights exactly.
 
@@ -250,7 +275,7 @@ def adapt_support(
         The :class:`AdaptedTask`.
     """
     check_int("finetune_steps", finetune_steps, 0, fix="set finetune_steps to a whole number >= 0")
-    adapted = adapt(model.net, model.weights, model.alphas, support_x, support_y, model.inner)
+    adapted = adapt(model.net, model.weights, model.alphas, support_x, support_y, model.inner, rates=model.rates)
     genotype = derive_genotype(adapted.alphas, model.space, temperature=adapted.temperature,
                                op_mask=model.net.op_mask)
     return discretise(model, adapted, genotype, support_x, support_y, finetune_steps)
@@ -328,7 +353,7 @@ def evaluate_tasks(
     with TaskPool(model.net, workers or default_workers(device)) as pool:
         supernet = evaluate(
             model.net, model.weights, model.alphas, sampler, split, n_tasks, model.inner,
-            model.space, rng, device=device, pool=pool, extra=discrete_accuracy,
+            model.space, rng, device=device, pool=pool, extra=discrete_accuracy, rates=model.rates,
         )
     accs = {"supernet": list(supernet.accuracies), "discrete": list(supernet.extras["discrete_accuracy"])}
     out: dict[str, Any] = {"n_tasks": n_tasks, "genotypes": list(supernet.genotypes), "accuracies": accs,

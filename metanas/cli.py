@@ -90,12 +90,20 @@ def build_trainer(cfg: DictConfig, run_dir: Path, dist: DistContext | None = Non
     logger_cfg = cfg.get("logger") or {}
     logger = RunLogger(run_dir, tensorboard=bool(logger_cfg.get("tensorboard", False)),
                        curves=bool(logger_cfg.get("curves", True)), enabled=dist.is_main)
+    inner = build(cfg.inner, "the inner loop (inner=...)")
+    rates_optimizer = None
+    if inner.meta_sgd:
+        if cfg.optim.get("rates") is None:
+            raise ConfigError("inner.meta_sgd=true needs a meta-optimiser for the learned inner rates; "
+                              "add optim.rates (optim=adam and optim=sgd have one) or set inner.meta_sgd=false")
+        rates_optimizer = build(cfg.optim.rates, "the learned inner rates' meta-optimiser (optim.rates)")
     return MetaTrainer(
         net=net,
         alphas=alphas,
         sampler=sampler,
         algorithm=build(cfg.algorithm, "the outer loop (algorithm=...)"),
-        inner=build(cfg.inner, "the inner loop (inner=...)"),
+        inner=inner,
+        rates_optimizer=rates_optimizer,
         weights_optimizer=build(cfg.optim.weights, "the weights' meta-optimiser (optim=...)"),
         alphas_optimizer=build(cfg.optim.alphas, "the alphas' meta-optimiser (optim=...)"),
         search_space=space,
@@ -165,7 +173,7 @@ def _train(trainer: MetaTrainer, cfg: DictConfig, run_dir: Path, started: float)
     if not trainer.dist.is_main:
         return math.nan  # rank 0 meta-tests and writes the results
     result = trainer.test()
-    _, alphas, op_mask = trainer.best_state()
+    _, alphas, op_mask, _ = trainer.best_state()
     # the meta-architecture at the temperature the adapted models are read out at
     genotype = derive_genotype(alphas, trainer.search_space,
                                temperature=trainer.eval_inner.temperature(trainer.eval_inner.steps),

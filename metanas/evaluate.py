@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from metanas.tasks import Split, Task, TaskSampler
 
 from .functional import accuracy
-from .inner import Adapted, InnerLoopConfig, adapt, alpha_displacement, predict
+from .inner import Adapted, InnerLoopConfig, LearnedRates, adapt, alpha_displacement, predict
 from .engines import TaskPool
 from .search_space import (
     Genotype,
@@ -164,6 +164,7 @@ def evaluate(
     pool: TaskPool | None = None,
     extra: Extra | None = None,
     compare_frozen: bool = False,
+    rates: LearnedRates | None = None,
 ) -> EvalResult:
     """Adapt to ``n_tasks`` tasks of ``split`` and measure query accuracy.
 
@@ -191,6 +192,7 @@ def evaluate(
         compare_frozen: also adapt every task with the alphas frozen at the meta-alphas
             (weights adapted as usual) and record its accuracy under ``extras[FROZEN]``, for
             the paired :meth:`EvalResult.architecture_gain`. Ignored without alphas.
+        rates: Meta-SGD's learned inner rates (exactly when ``inner.meta_sgd``).
 
     Architecture statistics: ``diversity`` (:func:`diversity`) holds, besides the task
     genotypes' own statistics, ``mean_alpha_displacement`` (mean L2 norm over tasks of the
@@ -207,6 +209,8 @@ def evaluate(
     pool = pool or TaskPool(net, 1)
     weights = {k: v.detach() for k, v in weights.items()}
     alphas = {k: v.detach() for k, v in alphas.items()}
+    if rates is not None:
+        rates = LearnedRates(*({k: v.detach() for k, v in part.items()} for part in rates))
     read_out = inner.temperature(inner.steps)
     op_mask = getattr(net, "op_mask", None)  # a shrunk supernet: genotypes of its kept ops
     reference = derive_genotype(alphas, search_space, temperature=read_out, op_mask=op_mask) if alphas else None
@@ -218,7 +222,7 @@ def evaluate(
             return float(accuracy(predict_query(replica, adapted, task, transductive), task.query_y))
 
     def one(replica: nn.Module, task: Task) -> tuple[float, Genotype | None, Mapping[str, float]]:
-        adapted = adapt(replica, weights, alphas, task.support_x, task.support_y, inner)
+        adapted = adapt(replica, weights, alphas, task.support_x, task.support_y, inner, rates=rates)
         genotype = (
             derive_genotype(adapted.alphas, search_space, temperature=adapted.temperature, op_mask=op_mask)
             if adapted.alphas else None  # a fixed-architecture network has no genotype
@@ -228,7 +232,7 @@ def evaluate(
             extras[DISPLACEMENT] = float(alpha_displacement(adapted.alphas, alphas))
         if compare_frozen:
             frozen = adapt(replica, weights, alphas, task.support_x, task.support_y, inner,
-                           adapt_alphas=False)
+                           adapt_alphas=False, rates=rates)
             extras[FROZEN] = score(replica, task, frozen)
         return score(replica, task, adapted), genotype, extras
 

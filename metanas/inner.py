@@ -18,6 +18,17 @@ There is one inner loop. The only thing that varies is how a gradient is taken: 
 :data:`FUNC` (``torch.func.grad``, which composes with ``vmap`` and nested ``grad``). The
 outer algorithms use the same two objects for their own gradients, so each algorithm's
 per-task contribution is written once for every engine (:mod:`metanas.algorithms`).
+
+Two options, both off by default:
+
+- Meta-SGD (Li et al. 2017, "Meta-SGD: Learning to Learn Quickly for Few-Shot Learning"):
+  ``meta_sgd=True`` replaces the scalar inner learning rates of the SGD update by
+  :class:`LearnedRates`, one rate per element of every weight and alpha tensor, passed to
+  :func:`adapt` explicitly and meta-learned by the outer loop
+  (``theta <- theta - r * grad``, elementwise).
+- An entropy regulariser on the alphas (:func:`alpha_entropy`): ``entropy_weight * H`` with
+  ``H`` the mean over edges of the entropy of ``softmax(alphas / T)``, added to the support
+  objective of every inner step, to the query objective of the outer loop, or both.
 """
 
 from __future__ import annotations
@@ -25,7 +36,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -39,6 +50,53 @@ from .errors import ConfigError
 from .functional import Params, accuracy, detached, forward
 from .inner_optim import INNER_OPTIMIZERS, InnerOptimizer
 from .search_space import anneal_temperature
+
+
+ENTROPY_OBJECTIVES = ("query", "support", "both")
+"""Where the alpha-entropy regulariser may be added (``InnerLoopConfig.entropy_objective``)."""
+
+
+def alpha_entropy(alphas: Mapping[str, Tensor], temperature: float = 1.0) -> Tensor:
+    """Mean over edges of the entropy of each edge's op weights ``softmax(alphas / T)``.
+
+    ``H = 1/E * sum_e -sum_o p_eo log p_eo`` with ``p_e = softmax(alpha_e / T)`` over the ops
+    of edge ``e``, the ``E`` edges of all op-alpha tensors (shape ``(n_edges, n_ops)``)
+    together. The plain softmax: not the pruned op weights of a ``prune_threshold``. 1-D alpha
+    tensors (``pairwise_input_alphas``' edge weights) are not included. ``0 <= H <= log(n_ops)``;
+    a 0-dim tensor, differentiable in the alphas.
+
+    Raises:
+        ValueError: there is no op-alpha tensor.
+    """
+    per_edge = []
+    for a in alphas.values():
+        if a.dim() == 2:
+            z = a / temperature
+            per_edge.append(-(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1))
+    if not per_edge:
+        raise ValueError("alpha_entropy needs at least one (n_edges, n_ops) alpha tensor")
+    return torch.cat(per_edge).mean()
+
+
+class LearnedRates(NamedTuple):
+    """Meta-SGD's learned inner learning rates: one per element of every weight and alpha.
+
+    Attributes:
+        weights: name -> rates, same names and shapes as the weights.
+        alphas: name -> rates, same names and shapes as the alphas.
+    """
+
+    weights: Params
+    alphas: Params
+
+    @staticmethod
+    def like(weights: Mapping[str, Tensor], alphas: Mapping[str, Tensor], cfg: "InnerLoopConfig") -> "LearnedRates":
+        """Rates equal to the scalar rates ``cfg.lr_weights`` / ``cfg.lr_alphas`` (the
+        initialisation; with them :func:`adapt` takes the steps of plain SGD exactly)."""
+        return LearnedRates(
+            {k: torch.full_like(v.detach(), cfg.lr_weights) for k, v in weights.items()},
+            {k: torch.full_like(v.detach(), cfg.lr_alphas) for k, v in alphas.items()},
+        )
 
 
 @dataclass(frozen=True)
@@ -69,6 +127,20 @@ class InnerLoopConfig:
             random relabelling, so batches still mix classes differently in every task): runs
             reproduce and every engine agrees.
         shuffle_seed: seed of the mini-batch order.
+        meta_sgd: Meta-SGD: every weight and alpha element has its own learned inner learning
+            rate (:class:`LearnedRates`, initialised at ``lr_weights`` / ``lr_alphas``) that
+            the outer loop meta-learns; the SGD update is ``p - r * g`` elementwise. Needs the
+            "sgd" inner optimiser for weights and alphas (another optimiser's rates are not
+            defined) and an outer loop with a rate gradient (MAML, FOMAML; Reptile refuses).
+        entropy_weight: weight ``lambda`` of the alpha-entropy regulariser
+            ``lambda * alpha_entropy(alphas, T)`` (:func:`alpha_entropy`); 0 turns it off. A
+            negative weight is allowed: it rewards entropy, pushing the op weights toward
+            uniform (bounded: the entropy is at most ``log(n_ops)``).
+        entropy_objective: where the regulariser is added: "query" (the outer objective of
+            MAML/FOMAML, at the adapted alphas), "support" (every inner step's objective, so it
+            shapes the alphas' adaptation) or "both". Reptile has no query objective.
+        entropy_temperature: ``T``; None uses the temperature the network runs at there
+            (the step's for the support objective, the read-out one for the query objective).
     """
 
     steps: int = 5
@@ -83,6 +155,10 @@ class InnerLoopConfig:
     temperature_schedule: str = "linear"
     batch_size: int | None = None
     shuffle_seed: int = 0
+    meta_sgd: bool = False
+    entropy_weight: float = 0.0
+    entropy_objective: str = "query"
+    entropy_temperature: float | None = None
 
     def __post_init__(self) -> None:
         check_int("inner.steps", self.steps, 0, fix="set inner.steps to a whole number of steps >= 0")
@@ -112,6 +188,43 @@ class InnerLoopConfig:
             )
         # validates the temperatures and the schedule name
         self.temperature(0)
+        self._check_options()
+
+    def _check_options(self) -> None:
+        """Meta-SGD and the entropy regulariser: types, values and combinations."""
+        if not isinstance(self.meta_sgd, bool):
+            raise ConfigError(f"inner.meta_sgd={self.meta_sgd!r} is not a boolean; set inner.meta_sgd=true or false")
+        if self.meta_sgd:
+            names = {"optimizer": self.optimizer, "optimizer_alphas": self.optimizer_alphas or self.optimizer}
+            for key, name in names.items():
+                if name != "sgd":
+                    raise ConfigError(
+                        f"inner.meta_sgd=true learns the rates of the SGD update, but inner.{key}={name!r}; "
+                        f"set inner.{key}=sgd (e.g. inner=sgd) or inner.meta_sgd=false"
+                    )
+        w = self.entropy_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not np.isfinite(w):
+            raise ConfigError(f"inner.entropy_weight={w!r} is not a finite number; set it to e.g. 0.01 (0: off)")
+        if self.entropy_objective not in ENTROPY_OBJECTIVES:
+            raise ConfigError(
+                f"inner.entropy_objective={self.entropy_objective!r} is unknown; use one of "
+                f"{', '.join(ENTROPY_OBJECTIVES)}"
+            )
+        t = self.entropy_temperature
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0):
+            raise ConfigError(
+                f"inner.entropy_temperature={t!r} must be a number > 0, or null for the network's temperature"
+            )
+
+    def entropy_on(self, objective: str) -> bool:
+        """Whether the entropy regulariser is added to ``objective`` ("support" or "query")."""
+        return self.entropy_weight != 0 and self.entropy_objective in (objective, "both")
+
+    def entropy_penalty(self, alphas: Mapping[str, Tensor], temperature: float) -> Tensor:
+        """``entropy_weight * alpha_entropy(alphas, T)`` with ``T = entropy_temperature``, or
+        ``temperature`` (the network's there) when that is None."""
+        t = temperature if self.entropy_temperature is None else self.entropy_temperature
+        return self.entropy_weight * alpha_entropy(alphas, t)
 
     def batches(self, n_support: int) -> list[list[Tensor | None]]:
         """Per epoch, the index tensors of its mini-batches (``[None]``: the whole set)."""
@@ -144,13 +257,18 @@ class Adapted:
         alphas: adapted architecture parameters, name -> tensor.
         temperature: the temperature at which the adapted model is read out.
         support_losses: detached support loss before each inner update, 0-dim tensors
-            (one per step; with mini-batches, one per mini-batch: that batch's loss).
+            (one per step; with mini-batches, one per mini-batch: that batch's loss). The
+            cross-entropy only, without an entropy regulariser.
+        gradient_sums: with learned rates and no graph (first order), name -> the sum over
+            all updates of the support gradients applied to that tensor, as
+            ``LearnedRates(weights, alphas)`` (``theta' = theta - r * sum``); else None.
     """
 
     weights: Params
     alphas: Params
     temperature: float
     support_losses: tuple[Tensor, ...] = field(default=())
+    gradient_sums: LearnedRates | None = None
 
 
 class AutogradGrads:
@@ -177,6 +295,18 @@ class AutogradGrads:
         grads = [torch.zeros_like(t) if g is None else g for t, g in zip(targets, grads)]
         return dict(zip(w, grads)), dict(zip(names_a, grads[len(w):])), aux
 
+    def loss_grads_rates(self, loss_fn, w: Params, a: Params, names_a: list[str],
+                         rates: LearnedRates) -> tuple[Params, Params, LearnedRates, Any]:
+        """``loss_fn(w, a, rates) -> (loss, aux)``; the gradients with respect to ``w``,
+        ``a[names_a]``, ``rates.weights`` and ``rates.alphas[names_a]`` (zeros where unused)."""
+        loss, aux = loss_fn(w, a, rates)
+        groups = [w, {n: a[n] for n in names_a}, rates.weights, {n: rates.alphas[n] for n in names_a}]
+        targets = [t for g in groups for t in g.values()]
+        flat = torch.autograd.grad(loss, targets, allow_unused=True)
+        flat = iter(torch.zeros_like(t) if g is None else g for t, g in zip(targets, flat))
+        g_w, g_a, r_w, r_a = ({n: next(flat) for n in g} for g in groups)
+        return g_w, g_a, LearnedRates(r_w, r_a), aux
+
     def step_context(self, create_graph: bool):
         """Autograd records the optimiser update only when the graph is kept."""
         return torch.set_grad_enabled(create_graph)
@@ -199,6 +329,12 @@ class FuncGrads:
             return g_w, g_a, aux
         g_w, aux = grad(loss_fn, argnums=0, has_aux=True)(w, a)
         return g_w, {}, aux
+
+    def loss_grads_rates(self, loss_fn, w, a, names_a, rates):
+        (g_w, g_a, g_r), aux = grad(loss_fn, argnums=(0, 1, 2), has_aux=True)(w, a, rates)
+        if not names_a:
+            g_a, g_r = {}, LearnedRates(g_r.weights, {})
+        return g_w, g_a, LearnedRates(dict(g_r.weights), dict(g_r.alphas)), aux
 
     def step_context(self, create_graph):
         return contextlib.nullcontext()
@@ -225,6 +361,7 @@ def adapt(
     adapt_alphas: bool = True,
     buffers: Mapping[str, Tensor] | None = None,
     grads: Grads = AUTOGRAD,
+    rates: LearnedRates | None = None,
 ) -> Adapted:
     """Adapt weights (and alphas) to one task's support set.
 
@@ -242,16 +379,32 @@ def adapt(
         buffers: module buffers, if any.
         grads: :data:`AUTOGRAD` (default) or :data:`FUNC` (composable with ``vmap``); the
             only thing that differs between the two is how each step's gradient is taken.
+        rates: Meta-SGD's learned rates (required with ``cfg.meta_sgd``, refused without):
+            the SGD update of every tensor is ``p - rates[name] * g`` elementwise. For
+            second-order MAML they are leaves of the meta-gradient like the weights.
+
+    The support objective of each step is the cross-entropy, plus
+    ``cfg.entropy_penalty(a, temperature(step))`` when ``cfg.entropy_on("support")`` and the
+    alphas are adapted.
 
     Returns:
         The adapted weights and alphas. With :data:`AUTOGRAD` and no ``create_graph`` they
         are new leaves that require grad; the meta-weights are never modified.
     """
+    if cfg.meta_sgd != (rates is not None):
+        raise ValueError("adapt: pass rates (LearnedRates) exactly when cfg.meta_sgd is set")
     w, a = grads.start(weights, alphas, create_graph, adapt_alphas)
     names_w, names_a = list(w), (list(a) if adapt_alphas else [])
-    # (optimiser, tensors, names, learning rate, state) of the weights and of the alphas
-    groups = [[cfg.inner_optimizer("weights"), w, names_w, cfg.lr_weights, None],
-              [cfg.inner_optimizer("alphas"), a, names_a, cfg.lr_alphas, None]]
+    # (optimiser, tensors, names, learning rates by name, state) of the weights and of the alphas
+    if rates is None:
+        lrs = [dict.fromkeys(names_w, cfg.lr_weights), dict.fromkeys(names_a, cfg.lr_alphas)]
+    else:
+        lrs = [rates.weights, rates.alphas]
+    groups = [[cfg.inner_optimizer("weights"), w, names_w, lrs[0], None],
+              [cfg.inner_optimizer("alphas"), a, names_a, lrs[1], None]]
+    # first order with learned rates: the sums of the applied gradients (FOMAML's rate gradient)
+    sums = LearnedRates({}, {}) if rates is not None and not create_graph else None
+    entropy = cfg.entropy_on("support") and bool(names_a)
     losses = []
     update = 0  # counts optimiser updates (Adam's bias correction), epochs count temperatures
     for epoch, batches in enumerate(cfg.batches(support_x.shape[0])):
@@ -260,21 +413,31 @@ def adapt(
 
             def support_loss(w_: Params, a_: Params, x=x, y=y, temperature=cfg.temperature(epoch)):
                 loss = F.cross_entropy(forward(net, w_, a_, x, temperature, buffers), y)
+                if entropy:
+                    return loss + cfg.entropy_penalty(a_, temperature), loss.detach()
                 return loss, loss.detach()
 
             g_w, g_a, loss = grads.loss_grads(support_loss, w, a, names_a, create_graph)
             losses.append(loss)
-            for group, g in zip(groups, (g_w, g_a)):
+            for i, (group, g) in enumerate(zip(groups, (g_w, g_a))):
                 opt, params, names, lr, state = group
                 if not names:
                     continue
                 current = [params[n] for n in names]
                 state = opt.init(current) if state is None else state
                 with grads.step_context(create_graph):
-                    new, group[4] = opt.update(current, [g[n] for n in names], [lr] * len(names), state, update)
+                    new, group[4] = opt.update(current, [g[n] for n in names], [lr[n] for n in names], state, update)
                 params.update(zip(names, grads.after_step(new, create_graph)))
+                if sums is not None:
+                    total = sums[i]
+                    for n in names:
+                        step = g[n].detach()
+                        total[n] = step if n not in total else total[n] + step
             update += 1
-    return Adapted(w, a, cfg.temperature(cfg.steps), tuple(losses))
+    if sums is not None:  # tensors never updated (no steps) have summed nothing
+        sums = LearnedRates({n: sums.weights.get(n, torch.zeros_like(w[n])).detach() for n in names_w},
+                            {n: sums.alphas.get(n, torch.zeros_like(a[n])).detach() for n in names_a})
+    return Adapted(w, a, cfg.temperature(cfg.steps), tuple(losses), sums)
 
 
 def alpha_displacement(adapted: Mapping[str, Tensor], alphas: Mapping[str, Tensor]) -> Tensor:
@@ -307,4 +470,5 @@ def query_loss(
     return F.cross_entropy(logits, query_y), accuracy(logits, query_y)
 
 
-__all__ = ["AUTOGRAD", "FUNC", "Adapted", "InnerLoopConfig", "adapt", "alpha_displacement", "predict", "query_loss"]
+__all__ = ["AUTOGRAD", "ENTROPY_OBJECTIVES", "FUNC", "Adapted", "InnerLoopConfig", "LearnedRates", "adapt",
+           "alpha_displacement", "alpha_entropy", "predict", "query_loss"]

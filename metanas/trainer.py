@@ -50,7 +50,7 @@ from .distributed import DistContext
 from .errors import CheckpointError, ConfigError
 from .evaluate import EvalResult, evaluate
 from .functional import weights_of
-from .inner import InnerLoopConfig
+from .inner import InnerLoopConfig, LearnedRates
 from .io import remove_stale_temporaries
 from .logger import RunLogger
 from .engines import TaskPool, default_workers
@@ -75,8 +75,8 @@ class TrainerConfig:
         meta_batch_size: tasks per outer-loop update.
         alpha_warmup_steps: first meta-steps during which the alphas are neither adapted nor
             meta-updated (weights warm up first, as in DARTS and MetaNAS).
-        meta_lr_schedule: "constant", or "linear" decay of both meta learning rates to zero at
-            ``meta_steps`` (the Reptile schedule).
+        meta_lr_schedule: "constant", or "linear" decay of every meta learning rate (weights,
+            alphas, and Meta-SGD's learned rates) to zero at ``meta_steps`` (the Reptile schedule).
         val_every: meta-validate every this many steps (0: never); the best state is kept.
         n_val_tasks: tasks per meta-validation.
         ckpt_every: write ``last.ckpt`` every this many steps (and always at the end).
@@ -214,6 +214,11 @@ class MetaTrainer:
         inner: inner-loop settings.
         weights_optimizer: factory ``params -> torch.optim.Optimizer`` for the weights.
         alphas_optimizer: factory for the alphas' meta-optimiser.
+        rates_optimizer: factory for the meta-optimiser of Meta-SGD's learned inner rates
+            (one optimiser over the rates of the weights and of the alphas); required with
+            ``inner.meta_sgd``, unused without. The rates (:attr:`rates`) start at
+            ``inner.lr_weights`` / ``inner.lr_alphas``, are checkpointed and are used by the
+            meta-validation and meta-test.
         search_space: the supernet's configuration.
         cfg: loop settings.
         run_dir: where checkpoints and logs go.
@@ -242,6 +247,7 @@ class MetaTrainer:
         config: dict[str, Any] | None = None,
         dist: DistContext | None = None,
         logger: RunLogger | None = None,
+        rates_optimizer: OptimizerFactory | None = None,
     ) -> None:
         # what its tasks must be: examples of the network's dtype; tried now on every split it will use
         first = next(net.parameters(), None)
@@ -267,6 +273,14 @@ class MetaTrainer:
         self.alphas = {
             k: nn.Parameter(v.detach().clone().to(self.device)) for k, v in alphas.items()
         }
+        check_inner = getattr(algorithm, "check_inner", None)
+        if check_inner is not None:
+            check_inner(inner)
+        if inner.entropy_weight != 0 and not self.alphas:
+            raise ConfigError(
+                f"inner.entropy_weight={inner.entropy_weight} regularises the alphas, but "
+                f"{type(net).__name__} has none; set inner.entropy_weight=0"
+            )
         self.algorithm = algorithm
         self.inner = inner
         self.eval_inner = (
@@ -289,6 +303,18 @@ class MetaTrainer:
         # A fixed-architecture network (e.g. metanas.baselines.Conv4) has no alphas, hence no
         # alpha optimiser; everything else runs unchanged.
         self.opt_alphas = alphas_optimizer(self.alphas.values()) if self.alphas else None
+        # Meta-SGD: learned per-element inner rates with their own meta-optimiser
+        self.rates: LearnedRates | None = None
+        self.opt_rates: torch.optim.Optimizer | None = None
+        if inner.meta_sgd:
+            if rates_optimizer is None:
+                raise ConfigError(
+                    "inner.meta_sgd=true needs a meta-optimiser for the learned inner rates; set "
+                    "optim.rates (optim=adam and optim=sgd have one) or inner.meta_sgd=false"
+                )
+            initial = LearnedRates.like(self.weights, self.alphas, inner)
+            self.rates = LearnedRates(*({k: nn.Parameter(v) for k, v in part.items()} for part in initial))
+            self.opt_rates = rates_optimizer(list(self._rate_parameters().values()))
         self._start_lr_schedules(0)
         self.rng = np.random.default_rng(seed)
         self.step = 0
@@ -323,10 +349,17 @@ class MetaTrainer:
 
     def _sync_parameters(self) -> None:
         """Give every process rank 0's meta-weights and meta-alphas (no-op for one process)."""
-        self.dist.broadcast_([*self.weights.values(), *self.alphas.values()])
+        self.dist.broadcast_([*self.weights.values(), *self.alphas.values(),
+                              *self._rate_parameters().values()])
+
+    def _rate_parameters(self) -> dict[str, nn.Parameter]:
+        """The learned rates as one dict, ``weights/<name>`` and ``alphas/<name>`` ({} without)."""
+        if self.rates is None:
+            return {}
+        return {f"{kind}/{k}": v for kind, part in zip(LearnedRates._fields, self.rates) for k, v in part.items()}
 
     def _optimizers(self) -> list[torch.optim.Optimizer]:
-        return [o for o in (self.opt_weights, self.opt_alphas) if o is not None]
+        return [o for o in (self.opt_weights, self.opt_alphas, self.opt_rates) if o is not None]
 
     # ----------------------------------------------------------------- state
     def _start_lr_schedules(self, step: int) -> None:
@@ -356,7 +389,13 @@ class MetaTrainer:
             "opt_weights": self.opt_weights.state_dict(),
             "opt_alphas": self.opt_alphas.state_dict() if self.opt_alphas is not None else None,
             "optimizer_classes": {"weights": _class_name(self.opt_weights),
-                                  "alphas": _class_name(self.opt_alphas)},
+                                  "alphas": _class_name(self.opt_alphas),
+                                  **({"rates": _class_name(self.opt_rates)} if self.rates is not None else {})},
+            **({} if self.rates is None else {
+                "rates": {kind: {k: v.detach().cpu() for k, v in part.items()}
+                          for kind, part in zip(LearnedRates._fields, self.rates)},
+                "opt_rates": self.opt_rates.state_dict(),
+            }),
             "rng_tasks": self.rng.bit_generator.state,
             "rng_torch": torch.get_rng_state(),
             "train_time": self.train_time,
@@ -394,6 +433,12 @@ class MetaTrainer:
         if isinstance(classes, Mapping):
             differ = [k for k, o in ours.items()
                       if o is not None and classes.get(k) is not None and classes[k] != _class_name(o)]
+            if self.opt_rates is not None and classes.get("rates") not in (None, _class_name(self.opt_rates)):
+                raise CheckpointError(
+                    f"{source} holds a learned-rates meta-optimiser state of {classes['rates']}, this run "
+                    f"asks for {_class_name(self.opt_rates)}; resume with the optim.rates it was trained "
+                    "with or start a new run without resume"
+                )
             if differ:
                 raise CheckpointError(
                     f"{source} holds meta-optimiser states of {classes.get('weights')} (weights) and "
@@ -433,6 +478,7 @@ class MetaTrainer:
         self.opt_weights.load_state_dict(state["opt_weights"])
         if self.opt_alphas is not None:
             self.opt_alphas.load_state_dict(state["opt_alphas"])
+        self._load_rates(state, source)
         self.rng.bit_generator.state = state["rng_tasks"]
         torch.set_rng_state(state["rng_torch"].cpu())
         self.step = int(state["step"])
@@ -447,6 +493,30 @@ class MetaTrainer:
                                   else {k: tuple(tuple(int(c) for c in r) for r in rows)
                                         for k, rows in counts.items()})
         self._start_lr_schedules(self.step)  # from the step: no checkpoint holds a schedule state
+
+    def _load_rates(self, state: Mapping[str, Any], source: str) -> None:
+        """Meta-SGD's learned rates and their optimiser from ``state``; a state without them
+        (written without ``inner.meta_sgd``, or before it existed) leaves them at their start."""
+        saved = state.get("rates")
+        if self.rates is None:
+            if saved:
+                log.warning("%s holds learned inner rates (inner.meta_sgd=true); this run does not use "
+                            "them (inner.meta_sgd=false): it adapts with inner.lr_weights and inner.lr_alphas",
+                            source)
+            return
+        if not saved:
+            log.warning("%s holds no learned inner rates: they start at inner.lr_weights=%g and "
+                        "inner.lr_alphas=%g", source, self.inner.lr_weights, self.inner.lr_alphas)
+            return
+        with torch.no_grad():
+            for kind, part in zip(LearnedRates._fields, self.rates):
+                for name, p in part.items():
+                    if name not in saved.get(kind, {}) or saved[kind][name].shape != p.shape:
+                        raise CheckpointError(f"{source}: its learned inner rates do not match its "
+                                              "weights and alphas; it is damaged: use another checkpoint")
+                    p.copy_(saved[kind][name])
+        if state.get("opt_rates") is not None:
+            self.opt_rates.load_state_dict(state["opt_rates"])
 
     def resume(self, path: str | Path) -> None:
         """Load a checkpoint written by this trainer (same search space) and continue from it.
@@ -470,7 +540,8 @@ class MetaTrainer:
         """
         path = rundir.checkpoint_path(self.run_dir, name)
         if self.dist.is_main:
-            if not _all_finite([*self.weights.values(), *self.alphas.values()]):
+            if not _all_finite([*self.weights.values(), *self.alphas.values(),
+                                *self._rate_parameters().values()]):
                 raise self._diverged(f"the meta-parameters are not finite; {name} is not overwritten")
             save_checkpoint(path, self.state_dict())
         return path
@@ -478,10 +549,11 @@ class MetaTrainer:
     def _diverged(self, what: str, step: int | None = None) -> ConfigError:
         """The one-line error of a run that diverged at ``step`` (default: the current one)."""
         meta_lrs = [o.param_groups[0].get("initial_lr", o.param_groups[0]["lr"]) if o is not None
-                    else None for o in (self.opt_weights, self.opt_alphas)]
+                    else None for o in (self.opt_weights, self.opt_alphas, self.opt_rates)]
         lrs = (f"inner.lr_weights={self.inner.lr_weights:g}, inner.lr_alphas={self.inner.lr_alphas:g}, "
                f"optim.weights.lr={meta_lrs[0]:g}"
-               + (f", optim.alphas.lr={meta_lrs[1]:g}" if meta_lrs[1] is not None else ""))
+               + (f", optim.alphas.lr={meta_lrs[1]:g}" if meta_lrs[1] is not None else "")
+               + (f", optim.rates.lr={meta_lrs[2]:g}" if meta_lrs[2] is not None else ""))
         return ConfigError(
             f"meta-training diverged at meta-step {self.step if step is None else step}: {what}; "
             f"a learning rate is likely too high: lower one of {lrs}, then resume=auto (the checkpoints hold the "
@@ -509,6 +581,7 @@ class MetaTrainer:
         grads = self.algorithm.meta_gradients(
             self.net, self.weights, self.alphas, tasks, self.inner,
             adapt_alphas=adapt_alphas, pool=self.pool,
+            **({} if self.rates is None else {"rates": self.rates}),
         )
         if self.dist.enabled:
             grads = self._average_over_processes(grads, len(tasks))
@@ -518,7 +591,9 @@ class MetaTrainer:
         for what, value in losses.items():
             if not math.isfinite(value):  # the meta-parameters are not updated from it
                 raise self._diverged(f"the {what} is {value}", self.step + 1)
-        parts = {"meta-weights": grads.weights, "meta-alphas": grads.alphas or {}}
+        rate_grads = {} if grads.rates is None else {
+            f"{kind}/{k}": g for kind, part in zip(LearnedRates._fields, grads.rates) for k, g in part.items()}
+        parts = {"meta-weights": grads.weights, "meta-alphas": grads.alphas or {}, "learned inner rates": rate_grads}
         if not _all_finite([g for part in parts.values() for g in part.values()]):
             bad = [kind for kind, part in parts.items() if not _all_finite(part.values())]
             raise self._diverged(f"the meta-gradient of the {' and '.join(bad)} is not finite "
@@ -528,8 +603,13 @@ class MetaTrainer:
         if grads.alphas is not None and self.opt_alphas is not None:
             _apply(self.opt_alphas, self.alphas, grads.alphas)
             updated += self.alphas.values()
+        if self.opt_rates is not None:  # the alphas' rates rest (no gradient) while the alphas do
+            rate_params = self._rate_parameters()
+            _apply(self.opt_rates, {k: rate_params[k] for k in rate_grads}, rate_grads)
+            updated += rate_params.values()
         if not _all_finite(updated):
-            bad = [kind for kind, ps in (("meta-weights", self.weights), ("meta-alphas", self.alphas))
+            bad = [kind for kind, ps in (("meta-weights", self.weights), ("meta-alphas", self.alphas),
+                                         ("learned inner rates", self._rate_parameters()))
                    if ps and not _all_finite(ps.values())]
             raise self._diverged(f"the meta-update made the {' and '.join(bad)} non-finite", self.step + 1)
         row = {
@@ -542,6 +622,11 @@ class MetaTrainer:
         }
         if self.cfg.shrink.due(self.step + 1):
             self._shrink(self.step + 1)
+        if self.rates is not None:  # the meta learning rate of the rates and their mean values
+            row["lr_rates"] = self.opt_rates.param_groups[0]["lr"]
+            for kind, part in zip(LearnedRates._fields, self.rates):
+                if part:
+                    row[f"inner_rate_{kind}_mean"] = float(torch.cat([p.detach().flatten() for p in part.values()]).mean())
         if self.alphas:
             row.update(self.architecture_row(grads.alpha_displacement))
         if self.cfg.shrink.enabled:
@@ -595,23 +680,30 @@ class MetaTrainer:
         if grads.alphas is not None:
             named.update({f"a/{k}": v for k, v in grads.alphas.items()})
         named.update({f"s/{k}": torch.tensor(getattr(grads, k), dtype=torch.float64) for k in stats})
+        if grads.rates is not None:
+            named.update({f"rw/{k}": v for k, v in grads.rates.weights.items()})
+            named.update({f"ra/{k}": v for k, v in grads.rates.alphas.items()})
         mean = self.dist.all_reduce_mean(named, weight=float(n_local))
         return MetaGradients(
             weights={k: mean[f"w/{k}"] for k in grads.weights},
             alphas=None if grads.alphas is None else {k: mean[f"a/{k}"] for k in grads.alphas},
+            rates=None if grads.rates is None else LearnedRates(
+                {k: mean[f"rw/{k}"] for k in grads.rates.weights}, {k: mean[f"ra/{k}"] for k in grads.rates.alphas}),
             **{k: float(mean[f"s/{k}"]) for k in stats},
         )
 
     def validate(self, n_tasks: int | None = None) -> EvalResult:
         """Meta-validate the current meta-parameters on a fixed sequence of val tasks."""
-        return self._evaluate("val", n_tasks or self.cfg.n_val_tasks, VAL_SEED, self.weights, self.alphas)
+        return self._evaluate("val", n_tasks or self.cfg.n_val_tasks, VAL_SEED, self.weights, self.alphas,
+                              rates=self.rates)
 
-    def _evaluate(self, split, n_tasks, seed_offset, weights, alphas, compare_frozen=False) -> EvalResult:
+    def _evaluate(self, split, n_tasks, seed_offset, weights, alphas, compare_frozen=False,
+                  rates=None) -> EvalResult:
         return evaluate(
             self.net, weights, alphas, self.sampler, split, n_tasks, self.eval_inner,
             self.search_space, np.random.default_rng([self.seed, seed_offset]),
             transductive=self.cfg.transductive, device=self.device, progress=self._progress(),
-            pool=self.pool, compare_frozen=compare_frozen,
+            pool=self.pool, compare_frozen=compare_frozen, rates=rates,
         )
 
     def fit(self) -> dict[str, float]:
@@ -687,33 +779,39 @@ class MetaTrainer:
 
     def best_parameters(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Meta-weights and meta-alphas of the best validated state (the current ones if none)."""
-        weights, alphas, _ = self.best_state()
+        weights, alphas, _, _ = self.best_state()
         return weights, alphas
 
-    def best_state(self) -> tuple[dict[str, Tensor], dict[str, Tensor], OpMask | None]:
-        """Meta-weights, meta-alphas and op mask (None: every op kept, or no alphas) of the
-        best validated state (the current ones if none)."""
+    def best_state(self) -> tuple[dict[str, Tensor], dict[str, Tensor], OpMask | None, LearnedRates | None]:
+        """Meta-weights, meta-alphas, op mask (None: every op kept, or no alphas) and (with
+        Meta-SGD) learned inner rates of the best validated state (the current ones if none)."""
         path = rundir.checkpoint_path(self.run_dir, rundir.BEST_CKPT)
         if not self.best or not path.is_file():
-            return dict(self.weights), dict(self.alphas), self.net_op_mask
+            return dict(self.weights), dict(self.alphas), self.net_op_mask, self.rates
         state = load_checkpoint(path, self.search_space.to_dict(), self.device)
         mask = state.get("op_mask") if self.op_mask is not None else None
         if mask is not None:
             mask = check_op_mask(self.search_space, mask)
             mask = None if mask == full_op_mask(self.search_space) else mask
-        return dict(state["weights"]), dict(state["alphas"]), mask
+        rates = None
+        if self.rates is not None:
+            saved = state.get("rates") or {}
+            rates = LearnedRates(*(dict(saved.get(kind) or {}) or dict(part)
+                                   for kind, part in zip(LearnedRates._fields, self.rates)))
+        return dict(state["weights"]), dict(state["alphas"]), mask, rates
 
     def test(self, n_tasks: int | None = None) -> EvalResult:
         """Meta-test the best validated meta-parameters on the test split (with the
         frozen-alpha comparison on the same tasks when ``compare_frozen_alphas``), adapting
-        within the supernet those parameters were meta-trained with (their op mask)."""
-        weights, alphas, mask = self.best_state()
+        within the supernet those parameters were meta-trained with (their op mask) and with
+        their learned inner rates (Meta-SGD)."""
+        weights, alphas, mask, rates = self.best_state()
         current = self.op_mask
         if self.op_mask is not None:
             self.set_op_mask(mask)
         try:
             return self._evaluate("test", n_tasks or self.cfg.n_test_tasks, TEST_SEED, weights, alphas,
-                                  self.cfg.compare_frozen_alphas)
+                                  self.cfg.compare_frozen_alphas, rates=rates)
         finally:
             if current is not None:
                 self.set_op_mask(current)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ..engines import TaskPool, TaskTensors, resolve_batching, stack_tasks, vmap_tasks
 from ..errors import ConfigError
 from ..functional import Params
-from ..inner import AUTOGRAD, FUNC, Adapted, Grads, InnerLoopConfig
+from ..inner import AUTOGRAD, FUNC, Adapted, Grads, InnerLoopConfig, LearnedRates
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,8 @@ class MetaGradients:
         alpha_displacement: mean over tasks of the L2 norm (all alpha tensors together) of
             the adapted minus the meta-alphas: how far task adaptation moves the
             architecture (0 when the alphas are frozen).
+        rates: with Meta-SGD, the meta-gradients of the learned inner rates (``alphas``
+            ``{}`` when the alphas were frozen); else None.
     """
 
     weights: Params
@@ -52,6 +54,7 @@ class MetaGradients:
     query_accuracy: float
     support_loss: float
     alpha_displacement: float = 0.0
+    rates: LearnedRates | None = None
 
 
 class TaskTerms(NamedTuple):
@@ -64,6 +67,8 @@ class TaskTerms(NamedTuple):
         support_loss: 0-dim support loss before adaptation (NaN without inner steps).
         alpha_displacement: 0-dim L2 norm of the adapted minus the meta-alphas
             (:func:`metanas.inner.alpha_displacement`).
+        rate_weights, rate_alphas: with Meta-SGD, the task's terms of the meta-gradients of
+            the learned rates of the weights and of the alphas (``{}`` otherwise).
     """
 
     weights: Params
@@ -72,6 +77,8 @@ class TaskTerms(NamedTuple):
     query_accuracy: Tensor
     support_loss: Tensor
     alpha_displacement: Tensor
+    rate_weights: Params = {}  # noqa: RUF012 - never mutated
+    rate_alphas: Params = {}  # noqa: RUF012
 
 
 @runtime_checkable
@@ -88,6 +95,7 @@ class MetaAlgorithm(Protocol):
         *,
         adapt_alphas: bool = True,
         pool: TaskPool | None = None,
+        rates: LearnedRates | None = None,
     ) -> MetaGradients: ...
 
 
@@ -132,6 +140,10 @@ class TaskwiseAlgorithm:
         self.batching = batching
         self.vmap_chunk_size = vmap_chunk_size
 
+    def check_inner(self, inner: InnerLoopConfig) -> None:
+        """Raise :class:`~metanas.errors.ConfigError` for inner-loop options this outer
+        loop cannot meta-learn (every option is fine here; Reptile refuses some)."""
+
     def task_terms(
         self,
         net: nn.Module,
@@ -141,6 +153,7 @@ class TaskwiseAlgorithm:
         inner: InnerLoopConfig,
         adapt_alphas: bool,
         grads: Grads,
+        rates: LearnedRates | None = None,
     ) -> TaskTerms:
         """The contribution of one task.
 
@@ -152,6 +165,10 @@ class TaskwiseAlgorithm:
             adapt_alphas: adapt and meta-learn the alphas.
             grads: the gradient backend to use for every gradient (pass it to
                 :func:`~metanas.inner.adapt` and use its ``loss_grads``).
+            rates: Meta-SGD's learned rates (``inner.meta_sgd``; detached under ``vmap``);
+                the terms then include their meta-gradients (``rate_weights``,
+                ``rate_alphas``). Only passed when given, so subclasses without Meta-SGD
+                need not accept it.
         """
         raise NotImplementedError
 
@@ -165,6 +182,7 @@ class TaskwiseAlgorithm:
         *,
         adapt_alphas: bool = True,
         pool: TaskPool | None = None,
+        rates: LearnedRates | None = None,
     ) -> MetaGradients:
         """Mean of :meth:`task_terms` over ``tasks``.
 
@@ -177,16 +195,25 @@ class TaskwiseAlgorithm:
             adapt_alphas: adapt and meta-learn the alphas (False during the alpha warm-up;
                 the result's ``alphas`` is then None).
             pool: computes the tasks concurrently; it must have been built on ``net``.
+            rates: Meta-SGD's learned inner rates (exactly when ``inner.meta_sgd``; leaves
+                that require grad for second-order MAML); the result's ``rates`` holds their
+                meta-gradients.
         """
         if not tasks:
             raise ValueError("meta_gradients needs at least one task")
+        self.check_inner(inner)
+        if inner.meta_sgd != (rates is not None):
+            raise ValueError("meta_gradients: pass rates (LearnedRates) exactly when inner.meta_sgd is set")
+        extra = {} if rates is None else {"rates": rates}
         if pool is not None and pool.net is not net:
             raise ValueError("the TaskPool was built on another network")
         device = next(iter(weights.values())).device
         engine = resolve_batching(getattr(self, "batching", "auto"), device)
         if engine == "vmap" and (stacked := stack_tasks(tasks)) is not None:
+            if rates is not None:  # shared by all tasks, like the meta-parameters
+                extra = {"rates": LearnedRates(*({k: v.detach() for k, v in part.items()} for part in rates))}
             terms = vmap_tasks(
-                lambda w, a, task: self.task_terms(net, w, a, task, inner, adapt_alphas, FUNC),
+                lambda w, a, task: self.task_terms(net, w, a, task, inner, adapt_alphas, FUNC, **extra),
                 {k: v.detach() for k, v in weights.items()},
                 {k: v.detach() for k, v in alphas.items()},
                 stacked,
@@ -199,10 +226,14 @@ class TaskwiseAlgorithm:
                 query_accuracy=float(terms.query_accuracy.mean()),
                 support_loss=float(terms.support_loss.mean()),
                 alpha_displacement=float(terms.alpha_displacement.mean()),
+                rates=None if rates is None else LearnedRates(
+                    {k: v.mean(dim=0) for k, v in terms.rate_weights.items()},
+                    {k: v.mean(dim=0) for k, v in terms.rate_alphas.items()},
+                ),
             )
 
         def one(replica: nn.Module, task: Any) -> TaskTerms:
-            return self.task_terms(replica, weights, alphas, task, inner, adapt_alphas, AUTOGRAD)
+            return self.task_terms(replica, weights, alphas, task, inner, adapt_alphas, AUTOGRAD, **extra)
 
         if engine == "loop" or pool is None:
             parts = [one(net, t) for t in tasks]
@@ -212,6 +243,10 @@ class TaskwiseAlgorithm:
         return MetaGradients(
             weights=_mean([p.weights for p in parts]),
             alphas=_mean([p.alphas for p in parts]) if adapt_alphas else None,
+            rates=None if rates is None else LearnedRates(
+                _mean([p.rate_weights for p in parts]),
+                _mean([p.rate_alphas for p in parts]) if adapt_alphas else {},
+            ),
             **{
                 stat: sum(float(getattr(p, stat)) for p in parts) / n
                 for stat in ("query_loss", "query_accuracy", "support_loss", "alpha_displacement")

@@ -10,12 +10,29 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ConfigError
 from ..inner import adapt, alpha_displacement, query_loss
 from .base import TaskTerms, TaskwiseAlgorithm, first_support_loss
 
 
 class Reptile(TaskwiseAlgorithm):
     """Reptile meta-gradients for weights and alphas (first-order, no query gradients)."""
+
+    def check_inner(self, inner) -> None:
+        """Reptile takes no query gradient: it has no gradient for Meta-SGD's learned rates
+        (its direction ``theta - theta'`` says nothing about them) and no query objective
+        for the entropy regulariser."""
+        if inner.meta_sgd:
+            raise ConfigError(
+                "inner.meta_sgd=true needs a meta-gradient of the inner learning rates, which Reptile "
+                "does not have; use algorithm=maml or algorithm=fomaml, or set inner.meta_sgd=false"
+            )
+        if inner.entropy_on("query"):
+            raise ConfigError(
+                f"inner.entropy_objective={inner.entropy_objective!r} adds the entropy to the query "
+                "objective, which Reptile does not use; set inner.entropy_objective=support, or use "
+                "algorithm=maml or algorithm=fomaml"
+            )
 
     def task_terms(self, net, weights, alphas, task, inner, adapt_alphas, grads) -> TaskTerms:
         """``(theta - theta', alpha - alpha')`` of one task."""
