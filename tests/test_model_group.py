@@ -309,3 +309,32 @@ def test_missing_genotype_file_through_the_cli(tmp_path):
     error = [line for line in proc.stdout.splitlines() if line.startswith("metanas-train: error:")]
     assert len(error) == 1 and "model.path=" in error[0] and "nope.json" in error[0]
     assert "Traceback" not in proc.stdout and not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_resume_refusal_and_old_checkpoints_in_process(tmp_path):
+    """Without training: a supernet trainer's checkpoint, with and without its model field."""
+    base = ["experiment=smoke", "device=cpu", "trainer.meta_steps=0"]
+    supernet = build_trainer(_compose(base), tmp_path / "a")
+    conv = build_trainer(_compose([*base, "model=conv4", "model.channels=6"]), tmp_path / "b")
+    try:
+        path = supernet.save()
+        assert load_checkpoint(path)["model"] == {"kind": "supernet"}
+        with pytest.raises(CheckpointError) as err:
+            conv.resume(path)
+        assert str(err.value) == (
+            f"checkpoint {path} holds the supernet, this run asks for conv4 (channels=6, n_blocks=4); "
+            "resume with the model it was trained with (model=supernet and its settings) or start a "
+            "new run without resume")
+        state = load_checkpoint(path)
+        del state["model"]  # as written before the model group
+        old = tmp_path / "old.ckpt"
+        save_checkpoint(old, state)
+        supernet.resume(old)
+        with pytest.raises(CheckpointError, match="holds the supernet"):
+            conv.resume(old)
+        conv_path = conv.save()
+        with pytest.raises(CheckpointError, match=r"holds conv4 \(channels=6, n_blocks=4\), this run asks for the supernet"):
+            supernet.resume(conv_path)
+    finally:
+        supernet.close()
+        conv.close()
