@@ -117,8 +117,9 @@ def conv4(
     Conv4Config(space.in_channels, space.n_classes, channels, n_blocks)  # checks the sizes
     if target is not None:
         channels, count = conv4_channels(space, target, n_blocks)
-        log.info("model=conv4 with model.match_parameters=%s (%d weights): %d channels, %d weights",
-                 match_parameters, target, channels, count)
+        of = f"the supernet's {target}" if match_parameters == "supernet" else f"{target}"
+        log.info("model=conv4, model.match_parameters=%s: %d channels, %d weights (closest to %s weights)",
+                 match_parameters, channels, count, of)
     return {"kind": "conv4", "channels": channels, "n_blocks": n_blocks}
 
 

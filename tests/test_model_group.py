@@ -333,6 +333,7 @@ def test_resume_refusal_and_old_checkpoints_in_process(tmp_path):
         with pytest.raises(CheckpointError, match="holds the supernet"):
             conv.resume(old)
         conv_path = conv.save()
+        conv.resume(conv_path)  # its own model resumes
         with pytest.raises(CheckpointError, match=r"holds conv4 \(channels=6, n_blocks=4\), this run asks for the supernet"):
             supernet.resume(conv_path)
     finally:
