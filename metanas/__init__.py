@@ -9,7 +9,8 @@ The names here are the tour of the README; everything else lives in its module:
 networks), ``metanas.inner`` and ``metanas.inner_optim`` (the inner loop and its optimisers),
 ``metanas.algorithms``, ``metanas.engines`` (loop, threads, vmap), ``metanas.evaluate``,
 ``metanas.adaptation`` and ``metanas.export`` (new data, deployable models),
-``metanas.checkpoint``, ``metanas.distributed``, ``metanas.baselines``, ``metanas.errors``.
+``metanas.checkpoint``, ``metanas.distributed``, ``metanas.baselines``, ``metanas.models``
+(the ``model`` group: supernet, conv-4, a genotype's network), ``metanas.errors``.
 """
 
 from metanas.tasks import ImageFolderTasks, OmniglotTasks, Task, TaskSampler, check_sampler

@@ -2,6 +2,10 @@
 
 Two modes (``conf/adapt.yaml``):
 
+Checkpoints of every model (``model=supernet``, ``conv4``, ``genotype``) are accepted; a
+network without alphas adapts its weights alone, is its own task network, and has no supernet
+accuracy (null) and, for conv-4, no genotype files.
+
 * **your task** (``support=<folder of class sub-folders>``, optional ``query=<folder>``):
   adapts weights and alphas on the support images, derives the task's genotype, builds its
   discrete network and writes ``genotype.json``, ``cells.png``, ``metrics.json``,
@@ -213,7 +217,7 @@ def _export(model: StandaloneClassifier, task: AdaptedTask, pixels: _Pixels, cha
                                     "std": pixels.std.tolist()},
                   "note": _NORM_NOTES[model.norm].format(n=n_support)},
         "export_norm": model.norm,
-        "genotype": task.genotype.to_dict(),
+        "genotype": None if task.genotype is None else task.genotype.to_dict(),
         "parameters": count_parameters(model),
         "flops_per_image": flops_per_image(model, example),
     }
@@ -265,17 +269,23 @@ def _mode_support(cfg: DictConfig, model: MetaModel, device: torch.device) -> tu
         if q_labels is not None:
             # transductive (one batch of all query images, batch statistics): the task network
             # and the adapted supernet; "exported": the exported model, as predictions.csv
+            # (a network without alphas has no supernet: null)
             dis_pred = task.discrete_logits(qx).argmax(-1).cpu().numpy()
-            sup_pred = task.supernet_logits(model, qx).argmax(-1).cpu().numpy()
+            sup_pred = task.supernet_logits(model, qx).argmax(-1).cpu().numpy() if model.alphas else None
             for name, p in (("exported", pred), ("discrete", dis_pred), ("supernet", sup_pred)):
+                if p is None:
+                    metrics[name] = None
+                    continue
                 acc, low, high = wilson_ci95(int((p == q_labels).sum()), len(q_labels))
                 metrics[name] = {"accuracy": acc, "ci95_low": low, "ci95_high": high,
                                  "ci95": (high - low) / 2, "interval": "wilson"}
             metrics["accuracy"] = metrics["exported"]["accuracy"]
     files.update(_export(exported, task, pixels, channels, size, class_names, len(labels), cfg))
     metrics.update({k: files[rundir.MODEL_INFO][k] for k in ("parameters", "flops_per_image")})
-    files[rundir.GENOTYPE] = task.genotype.to_dict()
-    files[rundir.CELLS] = draw_genotype(task.genotype, title="task architecture")
+    metrics["model"] = model.model["kind"]
+    if task.genotype is not None:  # conv-4 has none
+        files[rundir.GENOTYPE] = task.genotype.to_dict()
+        files[rundir.CELLS] = draw_genotype(task.genotype, title="task architecture")
     return metrics, files
 
 
@@ -332,21 +342,25 @@ def _mode_sampled(cfg: DictConfig, model: MetaModel, device: torch.device) -> tu
     div = result.pop("diversity")
     meta = model.genotype
     metrics = {
-        "mode": "sampled", "checkpoint": str(model.path), "dataset": what, "split": split,
+        "mode": "sampled", "checkpoint": str(model.path), "model": model.model["kind"],
+        "dataset": what, "split": split,
         "n_way": sampler.n_way, "k_shot": sampler.k_shot, "q_query": sampler.q_query,
         "inner_steps": model.inner.steps, "finetune_steps": int(cfg.finetune_steps),
         "accuracy": result["discrete"]["accuracy"], "ci95": result["discrete"]["ci95"],
         **result, "interval": "normal approximation over tasks",
-        "changed_share": div["changed_share"], "unique_genotypes": int(div["unique_genotypes"]),
-        "architecture_diversity": div,
+        # null for a network without alphas (no task genotypes)
+        "changed_share": div.get("changed_share"),
+        "unique_genotypes": int(div["unique_genotypes"]) if div else None,
+        "architecture_diversity": div or None,
     }
-    files = {
-        rundir.TASK_GENOTYPES: [
+    files: dict[str, Any] = {}
+    if genotypes:
+        files[rundir.TASK_GENOTYPES] = [
             {"task": i, "supernet_accuracy": a, "discrete_accuracy": d, "genotype": g.to_dict()}
-            for i, (a, d, g) in enumerate(zip(accs["supernet"], accs["discrete"], genotypes))],
-        rundir.GENOTYPE: meta.to_dict(),
-        rundir.CELLS: draw_genotype(meta, title="meta-architecture"),
-    }
+            for i, (a, d, g) in enumerate(zip(accs["supernet"], accs["discrete"], genotypes))]
+    if meta is not None:  # conv-4 has no architecture to show
+        files[rundir.GENOTYPE] = meta.to_dict()
+        files[rundir.CELLS] = draw_genotype(meta, title="meta-architecture")
     return metrics, files
 
 
@@ -378,15 +392,18 @@ def adapt_command(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[st
 
 
 def _summary(metrics: dict[str, Any], out: Path) -> str:
+    s = metrics.get("supernet")
     if "exported" in metrics:
-        e, d, s = metrics["exported"], metrics["discrete"], metrics["supernet"]
+        e, d = metrics["exported"], metrics["discrete"]
+        sup = "" if s is None else f", {100 * s['accuracy']:.2f} % (adapted supernet)"
         return (f"accuracy {100 * e['accuracy']:.2f} +- {100 * e['ci95']:.2f} % (exported model, "
                 f"export_norm={metrics['export_norm']}); in one batch: {100 * d['accuracy']:.2f} % (task "
-                f"network), {100 * s['accuracy']:.2f} % (adapted supernet); results in {out}")
+                f"network){sup}; results in {out}")
     if "discrete" in metrics:
-        d, s = metrics["discrete"], metrics["supernet"]
-        return (f"accuracy {100 * d['accuracy']:.2f} +- {100 * d['ci95']:.2f} % (task network), "
-                f"{100 * s['accuracy']:.2f} +- {100 * s['ci95']:.2f} % (adapted supernet); results in {out}")
+        d = metrics["discrete"]
+        sup = "" if s is None else f", {100 * s['accuracy']:.2f} +- {100 * s['ci95']:.2f} % (adapted supernet)"
+        return (f"accuracy {100 * d['accuracy']:.2f} +- {100 * d['ci95']:.2f} % (task network)"
+                f"{sup}; results in {out}")
     return f"adapted to {metrics['support_images']} support images; results in {out}"
 
 

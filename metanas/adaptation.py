@@ -1,6 +1,6 @@
 """Few-shot adaptation of a meta-trained checkpoint to a user's own data (no Hydra here).
 
-Pipeline for one task: load the meta-model (:func:`load_meta_model`), check the data fits it
+Pipeline for one task of a supernet checkpoint: load the meta-model (:func:`load_meta_model`), check the data fits it
 (:func:`check_fits`), adapt weights and alphas on the labelled support set with the
 checkpoint's inner loop (:func:`adapt_support`), derive the task's genotype from the adapted
 alphas, and build the task's :class:`~metanas.search_space.DiscreteNetwork` inheriting the
@@ -8,6 +8,11 @@ adapted supernet weights. That discrete network is the model a user takes away (
 :mod:`metanas.export`); its predictions are what ``predictions.csv`` reports. The adapted
 supernet (the soft mixture of all ops) is evaluated alongside, so the cost of discretising is
 visible.
+
+A checkpoint of a network without alphas (``model=conv4`` or ``model=genotype``,
+:mod:`metanas.models`) adapts its weights alone; its task network is that network with the
+adapted weights (the genotype network's genotype is its fixed one, conv-4 has none), and
+there is no supernet to compare with.
 
 Both networks normalise with batch statistics: query images are classified in one batch
 (the transductive protocol of MAML and MetaNAS). The exported model
@@ -27,14 +32,14 @@ import logging
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from metanas.tasks import Split, TaskSampler
 from metanas.tasks.core import check_int
@@ -44,10 +49,10 @@ from .errors import CheckpointError, ConfigError
 from .evaluate import evaluate, mean_ci95
 from .inner import Adapted, InnerLoopConfig, LearnedRates, adapt, predict
 from .engines import TaskPool, default_workers
+from .models import SUPERNET, build_model, checkpoint_model
 from .search_space import (
     DiscreteNetwork,
     Genotype,
-    SearchNetwork,
     SearchSpaceConfig,
     derive_genotype,
 )
@@ -68,21 +73,23 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, eq=False)
 class MetaModel:
-    """A meta-trained supernet ready for adaptation.
+    """A meta-trained network ready for adaptation.
 
     Attributes:
-        net: the supernet (its own parameters are not used; weights are passed explicitly).
+        net: the supernet, or a network without alphas (its own parameters are not used;
+            weights are passed explicitly).
         weights: meta-weights, name -> tensor.
-        alphas: meta-alphas, name -> tensor.
+        alphas: meta-alphas, name -> tensor (empty without alphas).
         space: the search space it was built with.
         inner: the inner loop to adapt with (the checkpoint's, unless overridden).
         image_size: the image side length it was meta-trained on, if the checkpoint records it.
         path: the checkpoint file.
         rates: Meta-SGD's learned inner rates, when it was meta-trained with
             ``inner.meta_sgd`` (then every adaptation uses them); else None.
+        model: the model spec the checkpoint records (:mod:`metanas.models`).
     """
 
-    net: SearchNetwork
+    net: nn.Module
     weights: dict[str, Tensor]
     alphas: dict[str, Tensor]
     space: SearchSpaceConfig
@@ -90,13 +97,18 @@ class MetaModel:
     image_size: int | None
     path: Path
     rates: LearnedRates | None = None
+    model: dict[str, Any] = field(default_factory=lambda: dict(SUPERNET))
 
     @property
-    def genotype(self) -> Genotype:
+    def genotype(self) -> Genotype | None:
         """The meta-architecture: genotype of the meta-alphas at the inner loop's read-out
-        temperature (the temperature every task's genotype is derived at)."""
-        return derive_genotype(self.alphas, self.space, temperature=self.inner.temperature(self.inner.steps),
-                               op_mask=self.net.op_mask)
+        temperature (the temperature every task's genotype is derived at); the fixed
+        genotype of a genotype network; None for conv-4."""
+        if self.alphas:
+            return derive_genotype(self.alphas, self.space, temperature=self.inner.temperature(self.inner.steps),
+                                   op_mask=self.net.op_mask)
+        fixed = self.model.get("genotype")
+        return None if fixed is None else Genotype.from_dict(fixed)
 
 
 def _inner_from_config(config: Mapping[str, Any]) -> InnerLoopConfig:
@@ -115,7 +127,7 @@ def load_meta_model(
     device: torch.device | str = "cpu",
     inner_overrides: Mapping[str, Any] | None = None,
 ) -> MetaModel:
-    """Load a checkpoint written by ``metanas-train`` for adaptation.
+    """Load a checkpoint written by ``metanas-train`` for adaptation (any model).
 
     Args:
         path: the ``.ckpt`` file.
@@ -133,14 +145,21 @@ def load_meta_model(
     except (ConfigError, TypeError) as exc:
         raise CheckpointError(
             f"checkpoint {path} holds a search space this metanas cannot build ({exc}); use "
-            "a checkpoint written by metanas-train (a conv-4 baseline checkpoint has no alphas)"
+            "a checkpoint written by metanas-train"
         ) from exc
-    net = SearchNetwork(space).to(device)
+    spec = checkpoint_model(state, path)
+    try:
+        net = build_model(spec, space).to(device)
+    except (ConfigError, KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"checkpoint {path} holds a model this metanas cannot build ({exc}); the file is "
+            "damaged or was edited: use another checkpoint"
+        ) from None
     expected = dict(net.named_parameters())
     weights = {k: v.to(device) for k, v in state["weights"].items()}
     if set(weights) != set(expected) or any(weights[k].shape != expected[k].shape for k in expected):
         raise CheckpointError(
-            f"checkpoint {path}: its weights do not match its own search space; the file is "
+            f"checkpoint {path}: its weights do not match its own model and search space; the file is "
             "damaged or was edited: use another checkpoint"
         )
     if state.get("op_mask") is not None:  # a shrunk supernet (older checkpoints keep every op)
@@ -186,6 +205,7 @@ def load_meta_model(
         image_size=int(image_size) if image_size else None,
         path=Path(path),
         rates=rates,
+        model=spec,
     )
 
 
@@ -237,14 +257,16 @@ class AdaptedTask:
     """One task's adapted model.
 
     Attributes:
-        adapted: adapted supernet weights and alphas.
-        genotype: the task's architecture (argmax of the adapted alphas).
-        discrete: the task's discrete network, inheriting the adapted supernet weights.
+        adapted: adapted weights and alphas.
+        genotype: the task's architecture (argmax of the adapted alphas; a genotype
+            network's own; None for conv-4).
+        discrete: the task's network: the discrete network inheriting the adapted supernet
+            weights, or for a network without alphas that network with the adapted weights.
     """
 
     adapted: Adapted
-    genotype: Genotype
-    discrete: DiscreteNetwork
+    genotype: Genotype | None
+    discrete: nn.Module
 
     def supernet_logits(self, model: MetaModel, x: Tensor) -> Tensor:
         """Logits ``(B, n_way)`` of the adapted supernet on ``x`` (one batch)."""
@@ -276,19 +298,36 @@ def adapt_support(
     """
     check_int("finetune_steps", finetune_steps, 0, fix="set finetune_steps to a whole number >= 0")
     adapted = adapt(model.net, model.weights, model.alphas, support_x, support_y, model.inner, rates=model.rates)
-    genotype = derive_genotype(adapted.alphas, model.space, temperature=adapted.temperature,
-                               op_mask=model.net.op_mask)
+    genotype = (derive_genotype(adapted.alphas, model.space, temperature=adapted.temperature,
+                                op_mask=model.net.op_mask)
+                if adapted.alphas else model.genotype)
     return discretise(model, adapted, genotype, support_x, support_y, finetune_steps)
 
 
+def _with_weights(model: MetaModel, weights: Mapping[str, Tensor]) -> nn.Module:
+    """A fresh network of ``model``'s spec holding copies of ``weights``."""
+    net = build_model(model.model, model.space)
+    ref = next(iter(weights.values()), None)
+    if ref is not None:
+        net = net.to(device=ref.device, dtype=ref.dtype)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            p.copy_(weights[name].detach())
+    return net
+
+
 def discretise(
-    model: MetaModel, adapted: Adapted, genotype: Genotype, support_x: Tensor, support_y: Tensor,
+    model: MetaModel, adapted: Adapted, genotype: Genotype | None, support_x: Tensor, support_y: Tensor,
     finetune_steps: int = 0,
 ) -> AdaptedTask:
-    """The task's discrete network for ``genotype``, inheriting the adapted supernet weights,
-    optionally fine-tuned for ``finetune_steps`` SGD steps on the support set."""
+    """The task's discrete network for ``genotype``, inheriting the adapted supernet weights
+    (for a network without alphas: that network with the adapted weights), optionally
+    fine-tuned for ``finetune_steps`` SGD steps on the support set."""
     check_int("finetune_steps", finetune_steps, 0, fix="set finetune_steps to a whole number >= 0")
-    discrete = DiscreteNetwork.from_supernet(genotype, model.space, adapted.weights)
+    if model.alphas:
+        discrete = DiscreteNetwork.from_supernet(genotype, model.space, adapted.weights)
+    else:
+        discrete = _with_weights(model, adapted.weights)
     if finetune_steps:
         opt = torch.optim.SGD(discrete.parameters(), lr=model.inner.lr_weights)
         for _ in range(finetune_steps):
@@ -336,7 +375,8 @@ def evaluate_tasks(
         ``{"supernet": {"accuracy", "ci95"}, "discrete": {...}, "n_tasks", "genotypes":
         [one per task], "accuracies": {"supernet": [...], "discrete": [...]}, "diversity":
         {...}}`` (fractions; 95% normal-approximation intervals over tasks; diversity as
-        :func:`metanas.evaluate.diversity`).
+        :func:`metanas.evaluate.diversity`). Without alphas ``"discrete"`` is the task
+        network, there is no supernet (None), no genotypes and no diversity (empty).
     """
     if n_tasks < 1:
         raise ConfigError(f"n_tasks={n_tasks} must be at least 1")
@@ -355,10 +395,10 @@ def evaluate_tasks(
             model.net, model.weights, model.alphas, sampler, split, n_tasks, model.inner,
             model.space, rng, device=device, pool=pool, extra=discrete_accuracy, rates=model.rates,
         )
-    accs = {"supernet": list(supernet.accuracies), "discrete": list(supernet.extras["discrete_accuracy"])}
+    accs = {"supernet": list(supernet.accuracies) if model.alphas else None,
+            "discrete": list(supernet.extras["discrete_accuracy"])}
     out: dict[str, Any] = {"n_tasks": n_tasks, "genotypes": list(supernet.genotypes), "accuracies": accs,
                            "diversity": supernet.diversity}
     for name, values in accs.items():
-        mean, ci = mean_ci95(values)
-        out[name] = {"accuracy": mean, "ci95": ci}
+        out[name] = None if values is None else dict(zip(("accuracy", "ci95"), mean_ci95(values)))
     return out

@@ -1,7 +1,8 @@
 """Atomic, hashed checkpoints of the complete meta-training state.
 
 A checkpoint holds everything needed to continue a run as if it had never stopped: the
-meta-weights and meta-alphas, both meta-optimiser states (and their class names), with
+meta-weights and meta-alphas, the model spec (``model``, :mod:`metanas.models`; a file
+without it holds a supernet), both meta-optimiser states (and their class names), with
 Meta-SGD the learned inner rates (``rates``: ``{"weights": ..., "alphas": ...}``) and their
 meta-optimiser's state (``opt_rates``; files without them still load), the
 meta-step, the task sampler's random generator state, torch's RNG state, the best validation

@@ -3,10 +3,13 @@
 ``metanas-train`` composes ``conf/train.yaml`` (installed as ``metanas.conf``), builds every
 part with :func:`hydra.utils.instantiate`, meta-trains, meta-tests and writes into the Hydra
 run directory (through :mod:`metanas.rundir`) ``metrics.json`` (meta-test ``accuracy``, ``ci95``,
-``n_tasks``, the best meta-validation result, wall time, architecture diversity, the resolved
-config), ``genotype.json`` (the meta-architecture), ``task_genotypes.json`` (each meta-test
-task's accuracy and genotype), the checkpoints and logs of :mod:`metanas.trainer`, and
+``n_tasks``, the best meta-validation result, wall time, architecture diversity, the weight
+count ``parameters``, the ``model`` spec, the resolved config), ``genotype.json`` (the
+meta-architecture), ``task_genotypes.json`` (each meta-test task's accuracy and genotype),
+the checkpoints and logs of :mod:`metanas.trainer`, and
 ``status.json`` (``running``, then ``ok`` or ``failed`` with the error; read by ``metanas-report``).
+A network without alphas (``model=conv4`` or ``model=genotype``, :mod:`metanas.models`) writes
+no genotype files, and its architecture statistics in ``metrics.json`` are null.
 
 :func:`train` holds the logic and takes a plain ``DictConfig``; the Hydra app
 :func:`train_app` only adds Hydra's command line and turns bad input into a one-line error
@@ -46,7 +49,8 @@ from .hydra_utils import build, in_multirun, output_dir, run_console
 from .logger import RunLogger
 from .engines import share_cores
 from .evaluate import FROZEN, mean_ci95
-from .search_space import SearchNetwork, derive_genotype, init_alphas
+from .models import build_model, describe, describe_model, has_alphas, supernet
+from .search_space import derive_genotype, init_alphas
 from .trainer import MetaTrainer, TrainerConfig
 
 log = logging.getLogger(__name__)
@@ -62,7 +66,8 @@ def _resume_path(resume: str | None, run_dir: Path) -> Path | None:
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, dist: DistContext | None = None) -> MetaTrainer:
-    """Instantiate sampler, supernet, alphas, algorithm and optimisers from a config."""
+    """Instantiate sampler, network (``model=...``: the supernet and its alphas, or a network
+    without alphas), algorithm and optimisers from a config."""
     dist = dist or DistContext()
     seed = check_int("seed", cfg.seed, 0, fix="set seed to an integer >= 0")
     device = resolve_device(cfg.device)
@@ -72,11 +77,13 @@ def build_trainer(cfg: DictConfig, run_dir: Path, dist: DistContext | None = Non
     sampler = check_sampler(build(cfg.task, "the task sampler (task=...)"), splits=())
     make_space = build(cfg.search_space, "the search space (search_space=...)")
     space = make_space(in_channels=sampler.input_shape[0], n_classes=sampler.n_way)
+    model = cfg.get("model")  # absent in configs written before the model group: the supernet
+    spec = build(model, "the model (model=...)")(space=space) if model is not None else supernet()
     # Weight and alpha initialisation is seeded without touching torch's global RNG.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = SearchNetwork(space)
-    alphas = init_alphas(space, generator=torch.Generator().manual_seed(seed))
+        net = build_model(spec, space)
+    alphas = init_alphas(space, generator=torch.Generator().manual_seed(seed)) if has_alphas(spec) else {}
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if trainer_kwargs.get("progress") is None and in_multirun():
         trainer_kwargs["progress"] = False  # sweeps log to files; no bars from parallel jobs
@@ -164,20 +171,21 @@ def _train(trainer: MetaTrainer, cfg: DictConfig, run_dir: Path, started: float)
     if resume is not None:
         trainer.resume(resume)
     log.info(
-        "meta-training %s on %s for %d meta-steps, %d weights and %d alphas (run dir %s, "
-        "process %d of %d)", trainer.algorithm, trainer.device, trainer.cfg.meta_steps,
-        trainer.n_parameters, sum(a.numel() for a in trainer.alphas.values()), run_dir,
-        trainer.dist.rank + 1, trainer.dist.world_size,
+        "meta-training %s with %s on %s for %d meta-steps, %d weights and %d alphas (run dir %s, "
+        "process %d of %d)", describe_model(describe(trainer.net)), trainer.algorithm, trainer.device,
+        trainer.cfg.meta_steps, trainer.n_parameters, sum(a.numel() for a in trainer.alphas.values()),
+        run_dir, trainer.dist.rank + 1, trainer.dist.world_size,
     )
     best = trainer.fit()
     if not trainer.dist.is_main:
         return math.nan  # rank 0 meta-tests and writes the results
     result = trainer.test()
     _, alphas, op_mask, _ = trainer.best_state()
-    # the meta-architecture at the temperature the adapted models are read out at
+    # the meta-architecture at the temperature the adapted models are read out at (none
+    # for a network without alphas: no genotype files, null architecture statistics)
     genotype = derive_genotype(alphas, trainer.search_space,
                                temperature=trainer.eval_inner.temperature(trainer.eval_inner.steps),
-                               op_mask=op_mask)
+                               op_mask=op_mask) if alphas else None
     gain = result.architecture_gain()
     metrics = {
         "accuracy": result.accuracy,
@@ -191,22 +199,26 @@ def _train(trainer: MetaTrainer, cfg: DictConfig, run_dir: Path, started: float)
         "meta_steps": trainer.step,
         "train_time_s": trainer.train_time,
         "wall_time_s": time.perf_counter() - started,
-        "architecture_diversity": result.diversity,
+        "architecture_diversity": result.diversity or None,
         "architecture_gain": None if gain is None else {
             "accuracy": gain[0], "ci95": gain[1], "frozen_alpha_accuracy": mean_ci95(result.extras[FROZEN])[0],
             "note": "paired over the same test tasks: adapted alphas minus alphas frozen at the meta-alphas"},
         "parameters": trainer.n_parameters,
+        "model": describe(trainer.net),
         "config": trainer.config,
     }
-    tasks = [{"task": i, "accuracy": acc, "genotype": g.to_dict()}
-             for i, (acc, g) in enumerate(zip(result.accuracies, result.genotypes))]
-    rundir.write(run_dir, {rundir.GENOTYPE: genotype.to_dict(), rundir.TASK_GENOTYPES: tasks,
-                           rundir.METRICS: metrics})
+    files: dict = {rundir.METRICS: metrics}
+    if genotype is not None:
+        files[rundir.GENOTYPE] = genotype.to_dict()
+        files[rundir.TASK_GENOTYPES] = [{"task": i, "accuracy": acc, "genotype": g.to_dict()}
+                                        for i, (acc, g) in enumerate(zip(result.accuracies, result.genotypes))]
+    rundir.write(run_dir, files)
     log.info("meta-test accuracy: %s", result.summary())
     if gain is not None:
         log.info("architecture adaptation gain (adapted minus frozen alphas, same tasks): "
                  "%+.2f +- %.2f points", 100 * gain[0], 100 * gain[1])
-    log.info("meta-architecture: %s", genotype.to_json())
+    if genotype is not None:
+        log.info("meta-architecture: %s", genotype.to_json())
     objective = best.get("val_accuracy", result.accuracy)
     return float(objective)
 

@@ -53,6 +53,7 @@ from .functional import weights_of
 from .inner import InnerLoopConfig, LearnedRates
 from .io import remove_stale_temporaries
 from .logger import RunLogger
+from .models import checkpoint_model, describe, describe_model
 from .engines import TaskPool, default_workers
 from .search_space import OpMask, SearchSpaceConfig, architecture_stats, check_op_mask, full_op_mask, op_weights
 from .shrink import ShrinkConfig, kept_count, removed_weight_names, shrink_check, zero_counts
@@ -202,7 +203,8 @@ class MetaTrainer:
     """Meta-trains a supernet's weights and alphas; see the module docstring.
 
     Args:
-        net: the supernet; its parameters are the meta-weights and are updated in place by
+        net: the supernet, or a network without alphas (:mod:`metanas.models`; checkpoints
+            record its model spec); its parameters are the meta-weights and are updated in place by
             the weights' meta-optimiser.
         alphas: initial meta-alphas, name -> tensor (copied into parameters); empty for a
             fixed-architecture network (e.g. :class:`metanas.baselines.Conv4`): then there is
@@ -384,6 +386,7 @@ class MetaTrainer:
         return {
             "step": self.step,
             "search_space": self.search_space.to_dict(),
+            "model": describe(self.net),
             "weights": {k: v.detach().cpu() for k, v in self.weights.items()},
             "alphas": {k: v.detach().cpu() for k, v in self.alphas.items()},
             "opt_weights": self.opt_weights.state_dict(),
@@ -519,12 +522,20 @@ class MetaTrainer:
             self.opt_rates.load_state_dict(state["opt_rates"])
 
     def resume(self, path: str | Path) -> None:
-        """Load a checkpoint written by this trainer (same search space) and continue from it.
+        """Load a checkpoint written by this trainer (same search space and model) and
+        continue from it; a checkpoint of another model is refused.
 
         Settings that differ from the checkpoint's config (other than ``resume``) are logged
         as a warning: the run then continues, but not as the original run would have.
         """
         state = load_checkpoint(path, self.search_space.to_dict(), self.device)
+        held, wanted = checkpoint_model(state, path), describe(self.net)
+        if held != wanted:
+            raise CheckpointError(
+                f"checkpoint {path} holds {describe_model(held)}, this run asks for "
+                f"{describe_model(wanted)}; resume with the model it was trained with "
+                f"(model={held['kind']} and its settings) or start a new run without resume"
+            )
         self.load_state_dict(state, source=f"checkpoint {path}")
         self._sync_parameters()
         changed = _config_differences(state.get("config") or {}, self.config)

@@ -31,7 +31,13 @@ def _compose(overrides):
     "override", [f"{g}={o}" for g in GROUPS for o in _options(g)]
 )
 def test_every_config_composes_and_instantiates(override, tmp_path):
-    cfg = _compose([override, "device=cpu"])
+    extra = []
+    if override == "model=genotype":  # needs a genotype file: one of the default search space
+        cell = [[["conv_3x3", 0], ["skip_connect", 1]], [["sep_conv_3x3", 2], ["max_pool_3x3", 0]]]
+        (tmp_path / "genotype.json").write_text(json.dumps(
+            {"normal": cell, "normal_concat": [2, 3], "reduce": cell, "reduce_concat": [2, 3]}))
+        extra = [f"model.path={tmp_path / 'genotype.json'}"]
+    cfg = _compose([override, "device=cpu", *extra])
     try:
         trainer = build_trainer(cfg, tmp_path)
     except DataError as exc:  # a data set that is not on this machine (e.g. miniImageNet)

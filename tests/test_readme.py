@@ -17,7 +17,7 @@ def test_python_example_runs():
 
 
 def test_config_options_in_readme_exist():
-    for group, option in re.findall(r"\b(task|search_space|algorithm|inner|optim|experiment)=(\w+)", README):
+    for group, option in re.findall(r"\b(task|search_space|model|algorithm|inner|optim|experiment)=(\w+)", README):
         if option in ("mine",):  # the user's own config in the plug-in example
             continue
         assert (CONF / group / f"{option}.yaml").is_file(), f"{group}={option}"

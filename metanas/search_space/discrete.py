@@ -102,7 +102,8 @@ class DiscreteCell(CellBase):
 
 
 class DiscreteNetwork(nn.Module):
-    """Network of a fixed genotype (no alphas, no buffers).
+    """Network of a fixed genotype (no alphas, no buffers); ``forward(x, alphas, temperature)``
+    with empty alphas, like :class:`metanas.baselines.Conv4`.
 
     Attributes:
         genotype, cfg: what it was built from.
@@ -133,8 +134,19 @@ class DiscreteNetwork(nn.Module):
         )
         self.classifier = nn.Linear(C_out, cfg.n_classes)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``x``: ``(B, in_channels, H, W)`` -> logits ``(B, n_classes)``."""
+    def forward(
+        self, x: Tensor, alphas: Mapping[str, Tensor] | None = None, temperature: float = 1.0
+    ) -> Tensor:
+        """``x``: ``(B, in_channels, H, W)`` -> logits ``(B, n_classes)``.
+
+        ``alphas`` and ``temperature`` give it the supernet's signature, so that the inner loop
+        and the meta-algorithms can meta-train it (``model=genotype``); ``alphas`` must be empty.
+
+        Raises:
+            ConfigError: wrong input channels, or non-empty ``alphas``.
+        """
+        if alphas:
+            raise ConfigError("a DiscreteNetwork has no architecture parameters; pass an empty alpha dict")
         check_input(self.cfg, x)
         s0 = s1 = self.stem(x)
         for cell in self.cells:
