@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import os
 import queue
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple, TypeVar
@@ -84,15 +85,21 @@ class TaskPool:
     Args:
         net: the network whose ``forward`` the tasks use.
         workers: number of threads; 1 runs everything in the calling thread on ``net`` itself.
+        memory_bound: at most this many tasks in memory at once (None: no bound), from
+            ``trainer.memory_budget_gb`` (:mod:`metanas.memory`): the threads keep at most
+            ``min(workers, memory_bound)`` tasks in flight, and the ``vmap`` engine of
+            :meth:`metanas.algorithms.TaskwiseAlgorithm.meta_gradients` maps chunks of at most
+            ``memory_bound`` tasks. Results do not depend on it.
 
     Use as a context manager, or call :meth:`close` when done.
     """
 
-    def __init__(self, net: nn.Module, workers: int = 1) -> None:
+    def __init__(self, net: nn.Module, workers: int = 1, memory_bound: int | None = None) -> None:
         if workers < 1:
             raise ValueError(f"workers={workers}: use at least one worker")
         self.net = net
         self.workers = workers
+        self.memory_bound = memory_bound
         self._executor: ThreadPoolExecutor | None = None
         self._replicas: queue.SimpleQueue[nn.Module] = queue.SimpleQueue()
         if workers > 1:
@@ -100,17 +107,26 @@ class TaskPool:
             for _ in range(workers):
                 self._replicas.put(copy.deepcopy(net))
 
+    @property
+    def in_flight(self) -> int:
+        """Tasks computed at the same time: ``min(workers, memory_bound)``."""
+        bound = self.memory_bound
+        return self.workers if bound is None else max(1, min(self.workers, bound))
+
     def map(self, fn: Callable[[nn.Module, T], R], items: Sequence[T]) -> list[R]:
-        """``[fn(replica, item) for item in items]``, computed concurrently, in input order."""
-        if self._executor is None or len(items) < 2:
+        """``[fn(replica, item) for item in items]``, computed concurrently (at most
+        :attr:`in_flight` at a time), in input order."""
+        if self._executor is None or len(items) < 2 or self.in_flight == 1:
             return [fn(self.net, item) for item in items]
+        slots = threading.BoundedSemaphore(self.in_flight)
 
         def run(item: T) -> R:
-            replica = self._replicas.get()
-            try:
-                return fn(replica, item)
-            finally:
-                self._replicas.put(replica)
+            with slots:
+                replica = self._replicas.get()
+                try:
+                    return fn(replica, item)
+                finally:
+                    self._replicas.put(replica)
 
         return list(self._executor.map(run, items))
 

@@ -54,6 +54,7 @@ from .inner import InnerLoopConfig
 from .io import remove_stale_temporaries
 from .logger import RunLogger
 from .engines import TaskPool, default_workers
+from .memory import GB, check_budget, default_budget_bytes, estimate_task_bytes, tasks_that_fit
 from .search_space import SearchSpaceConfig, architecture_stats, op_weights
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,10 @@ log = logging.getLogger(__name__)
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 # Offsets of the seeds of the validation and test task sequences, so that they are fixed
-# for a run and independent of the training sequence.
-VAL_SEED, TEST_SEED = 1, 2
+# for a run and independent of the training sequence; and of the task on which the memory of
+# one task in flight is estimated (drawn from a generator of its own, so that it changes
+# nothing else).
+VAL_SEED, TEST_SEED, MEMORY_SEED = 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,13 @@ class TrainerConfig:
         recompute_cells: recompute each cell's activations in the backward pass instead of
             storing them (:attr:`metanas.search_space.SearchNetwork.recompute_cells`): less
             memory per task in flight, the same meta-gradients, about one more forward pass.
+        memory_budget_gb: GiB that the tasks in flight may take together (None: a share of
+            the memory available on the device, :func:`metanas.memory.default_budget_bytes`).
+            Before the first task, one task's peak memory is estimated
+            (:func:`metanas.memory.estimate_task_bytes`); the task threads then keep at most
+            ``min(task_workers, floor(budget / estimate))`` tasks in flight and the vmap
+            engine maps chunks of at most ``floor(budget / estimate)`` tasks. Results do not
+            depend on it; a budget that cannot hold one task is a ConfigError.
     """
 
     meta_steps: int = 1000
@@ -111,6 +121,7 @@ class TrainerConfig:
     task_workers: int = 0
     progress: bool | None = None
     recompute_cells: bool = False
+    memory_budget_gb: float | None = None
 
     def __post_init__(self) -> None:
         # every count is an integer (a bool or 2.5 is not) in range; the message names the key
@@ -124,6 +135,7 @@ class TrainerConfig:
             check_int(f"trainer.{name}", value, lowest,
                       fix=f"set trainer.{name} to a whole number >= {lowest}"
                       + (" (or null: as many as in training)" if name == "test_inner_steps" else ""))
+        check_budget(self.memory_budget_gb)
         if self.meta_lr_schedule not in ("constant", "linear"):
             raise ConfigError(
                 f"trainer.meta_lr_schedule={self.meta_lr_schedule!r} is unknown; "
@@ -243,6 +255,7 @@ class MetaTrainer:
         # processes on one machine share its cores: one task thread per core overall
         workers = cfg.task_workers or max(1, default_workers(self.device) // self.dist.local_world_size)
         self.pool = TaskPool(self.net, workers)
+        self._memory_bounded = False
         self.alphas = {
             k: nn.Parameter(v.detach().clone().to(self.device)) for k, v in alphas.items()
         }
@@ -451,8 +464,52 @@ class MetaTrainer:
             return sys.stderr.isatty()
         return self.cfg.progress
 
+    def bound_memory(self) -> int | None:
+        """Bound the tasks in flight by ``cfg.memory_budget_gb`` (once; later calls return
+        the bound found).
+
+        One task, drawn like the training tasks from a generator of its own (seed offset
+        :data:`MEMORY_SEED`), is measured with :func:`metanas.memory.estimate_task_bytes`;
+        the pool then holds ``floor(budget / estimate)`` as its ``memory_bound``. The chosen
+        bound is logged.
+
+        Returns:
+            The number of tasks that fit (None: no budget could be found on this device).
+
+        Raises:
+            ConfigError: not even one task fits in the budget.
+        """
+        if self._memory_bounded:
+            return self.pool.memory_bound
+        budget_gb = self.cfg.memory_budget_gb
+        budget = (int(budget_gb * GB) if budget_gb is not None
+                  else default_budget_bytes(self.device, self.dist.local_world_size))
+        if budget is None:
+            log.info("memory: no memory budget on %s (trainer.memory_budget_gb=null and the free "
+                     "memory cannot be read): up to %d tasks in flight", self.device, self.pool.workers)
+            self._memory_bounded = True
+            return None
+        rng = np.random.default_rng([self.seed, MEMORY_SEED])
+        task = check_task(self.sampler.sample("train", rng), self.sampler, "train", self._task_dtype)
+        per_task = estimate_task_bytes(
+            self.net, self.weights, self.alphas, task.to(self.device), self.inner,
+            second_order=bool(getattr(self.algorithm, "second_order", False)),
+        )
+        fit = tasks_that_fit(budget, per_task, budget_gb)
+        self.pool.memory_bound = fit
+        self._memory_bounded = True
+        log.info(
+            "memory: about %.3f GiB per task in flight (estimated), budget %.2f GiB (%s): "
+            "%d task(s) in flight on %d thread(s), vmap chunks of at most %d tasks",
+            per_task / GB, budget / GB,
+            "trainer.memory_budget_gb" if budget_gb is not None else "a share of the available memory",
+            self.pool.in_flight, self.pool.workers, fit,
+        )
+        return fit
+
     def meta_step(self) -> dict[str, float]:
         """One outer-loop update on a fresh meta-batch; returns its statistics."""
+        self.bound_memory()
         # every process draws the whole meta-batch (keeps the generators in step) and keeps its share
         tasks = [check_task(self.sampler.sample("train", self.rng), self.sampler, "train", self._task_dtype)
                  for _ in range(self.cfg.meta_batch_size)]
@@ -539,6 +596,7 @@ class MetaTrainer:
         return self._evaluate("val", n_tasks or self.cfg.n_val_tasks, VAL_SEED, self.weights, self.alphas)
 
     def _evaluate(self, split, n_tasks, seed_offset, weights, alphas, compare_frozen=False) -> EvalResult:
+        self.bound_memory()
         return evaluate(
             self.net, weights, alphas, self.sampler, split, n_tasks, self.eval_inner,
             self.search_space, np.random.default_rng([self.seed, seed_offset]),
