@@ -13,6 +13,11 @@
 Every engine calls the same per-task function and gives the same results up to rounding
 (``tests/test_fast_paths.py``).
 
+Memory. A :class:`TaskPool`'s ``memory_bound`` (set by the trainer from
+``trainer.memory_budget_gb``, :mod:`metanas.memory`) bounds the tasks in flight: at most
+``min(workers, memory_bound)`` threads compute at once, and vmap chunks hold at most
+``memory_bound`` tasks. It changes when tasks run, never what they compute.
+
 Threads. On a CPU the supernet's kernels are small and their dispatch overhead dominates, so one
 thread per task beats several threads per kernel: adapting tasks on two threads ran
 1.66x faster than one after the other on a 2-core machine
