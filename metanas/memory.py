@@ -13,7 +13,7 @@ available when the bound is computed, shared equally by the processes on the mac
 :func:`torch.cuda.mem_get_info`; on other devices there is no default bound.
 
 **Per-task estimate** (:func:`estimate_task_bytes`). Measured, not guessed: one inner update
-of the first task of the run is computed (the support mini-batch the inner loop uses, the
+of the first task of the run (of the trainer's first meta-batch) is computed (the support mini-batch the inner loop uses, the
 gradient taken as the algorithm takes it) under :func:`torch.autograd.graph.saved_tensors_hooks`,
 which sees every tensor autograd keeps for the backward pass; their distinct storages are
 summed (``F`` for the forward pass, ``G`` for the graph that a second-order backward itself

@@ -63,8 +63,8 @@ OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 # Offsets of the seeds of the validation and test task sequences, so that they are fixed
 # for a run and independent of the training sequence; and of the task on which the memory of
-# one task in flight is estimated (drawn from a generator of its own, so that it changes
-# nothing else).
+# one task in flight is estimated when an evaluation comes before any meta-step (drawn from a
+# generator of its own, so that it changes nothing else).
 VAL_SEED, TEST_SEED, MEMORY_SEED = 1, 2, 3
 
 
@@ -464,14 +464,16 @@ class MetaTrainer:
             return sys.stderr.isatty()
         return self.cfg.progress
 
-    def bound_memory(self) -> int | None:
+    def bound_memory(self, task: Any | None = None, split: str = "train") -> int | None:
         """Bound the tasks in flight by ``cfg.memory_budget_gb`` (once; later calls return
         the bound found).
 
-        One task, drawn like the training tasks from a generator of its own (seed offset
-        :data:`MEMORY_SEED`), is measured with :func:`metanas.memory.estimate_task_bytes`;
-        the pool then holds ``floor(budget / estimate)`` as its ``memory_bound``. The chosen
-        bound is logged.
+        ``task`` (the first task of the run's first meta-batch) is measured with
+        :func:`metanas.memory.estimate_task_bytes`; the pool then holds
+        ``floor(budget / estimate)`` as its ``memory_bound``. The chosen bound is logged.
+        Without a task (an evaluation before any meta-step) one task of ``split`` is drawn
+        from a generator of its own (seed offset :data:`MEMORY_SEED`), so that the training
+        and evaluation task sequences are unchanged.
 
         Returns:
             The number of tasks that fit (None: no budget could be found on this device).
@@ -489,8 +491,9 @@ class MetaTrainer:
                      "memory cannot be read): up to %d tasks in flight", self.device, self.pool.workers)
             self._memory_bounded = True
             return None
-        rng = np.random.default_rng([self.seed, MEMORY_SEED])
-        task = check_task(self.sampler.sample("train", rng), self.sampler, "train", self._task_dtype)
+        if task is None:
+            rng = np.random.default_rng([self.seed, MEMORY_SEED])
+            task = check_task(self.sampler.sample(split, rng), self.sampler, split, self._task_dtype)
         per_task = estimate_task_bytes(
             self.net, self.weights, self.alphas, task.to(self.device), self.inner,
             second_order=bool(getattr(self.algorithm, "second_order", False)),
@@ -509,11 +512,11 @@ class MetaTrainer:
 
     def meta_step(self) -> dict[str, float]:
         """One outer-loop update on a fresh meta-batch; returns its statistics."""
-        self.bound_memory()
         # every process draws the whole meta-batch (keeps the generators in step) and keeps its share
         tasks = [check_task(self.sampler.sample("train", self.rng), self.sampler, "train", self._task_dtype)
                  for _ in range(self.cfg.meta_batch_size)]
         tasks = [t.to(self.device) for t in self.dist.shard(tasks)]
+        self.bound_memory(tasks[0])
         adapt_alphas = bool(self.alphas) and self.step >= self.cfg.alpha_warmup_steps
         grads = self.algorithm.meta_gradients(
             self.net, self.weights, self.alphas, tasks, self.inner,
@@ -596,7 +599,7 @@ class MetaTrainer:
         return self._evaluate("val", n_tasks or self.cfg.n_val_tasks, VAL_SEED, self.weights, self.alphas)
 
     def _evaluate(self, split, n_tasks, seed_offset, weights, alphas, compare_frozen=False) -> EvalResult:
-        self.bound_memory()
+        self.bound_memory(split=split)
         return evaluate(
             self.net, weights, alphas, self.sampler, split, n_tasks, self.eval_inner,
             self.search_space, np.random.default_rng([self.seed, seed_offset]),
