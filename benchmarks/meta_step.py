@@ -29,6 +29,18 @@ peak resident set (``VmHWM``) over its resident set after setup; on CUDA it is
     python benchmarks/meta_step.py --device cuda --presets metanas --meta-batch 4 16 32
 
 Outputs ``benchmarks/results/meta_step_<device>.{csv,md,png}`` (``--out`` to change).
+
+With ``--configs`` it measures MetaNAS's real configurations instead (MetaNAS's supernet rule,
+its inner protocol of 5 epochs of 20-image mini-batches with Adam at lr 0.005 and temperature
+1.0 -> 0.05, on both sides): Omniglot 5-way 15-shot, Omniglot 20-way 5-shot and a
+miniImageNet-shaped 5-way 5-shot (84x84 RGB, synthetic images), Reptile and FOMAML against the
+reference structure, and second-order MAML (metanas only). Every measurement (one meta-step)
+runs in a fresh process, so its peak resident set is its own; the two sides alternate.
+
+    python benchmarks/meta_step.py --configs all            # the full table
+    python benchmarks/meta_step.py --configs all --quick    # tiny sizes: checks the script
+
+Outputs ``benchmarks/results/meta_step_configs_<device>.{csv,md,png}`` (``_quick`` in quick mode).
 """
 
 from __future__ import annotations
@@ -48,9 +60,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+# MetaNAS's supernet rule (conf/search_space/metanas.yaml): 4 cells, reductions at 1 and 3 without
+# channel doubling, 3 nodes, 28 channels, its 7 few-shot ops
+METANAS_NET = {"channels": 28, "n_cells": 4, "n_nodes": 3, "stem_multiplier": 3, "reduction_cells": (1, 3),
+               "reduction_channel_scale": 1, "ops": "metanas"}
 PRESETS = {
-    "small": {"channels": 8, "n_cells": 3, "n_nodes": 2, "stem_multiplier": 2, "reduction_cells": (0, 1)},
-    "metanas": {"channels": 28, "n_cells": 4, "n_nodes": 3, "stem_multiplier": 3, "reduction_cells": None},
+    "small": {"channels": 8, "n_cells": 3, "n_nodes": 2, "stem_multiplier": 2, "reduction_cells": (0, 1),
+              "ops": "fewshot"},
+    "metanas": METANAS_NET,
 }
 ALGOS = ("reptile", "fomaml", "maml", "metatest")
 VARIANTS = ("reference", "loop", "before", "vmap", "default")
@@ -117,7 +134,7 @@ def _make_step(spec: Spec):
 
     cell, device = spec.cell, torch.device(spec.device)
     space = SearchSpaceConfig(
-        in_channels=1, n_classes=spec.n_way, ops="fewshot",
+        in_channels=1, n_classes=spec.n_way,
         prune_threshold=PRUNE_THRESHOLD if cell.pruning else 0.0, **PRESETS[cell.preset],
     )
     torch.manual_seed(0)
@@ -362,6 +379,321 @@ def write_outputs(rows: list[dict], peak: float, out: Path, header: str) -> None
     fig.savefig(out.with_suffix(".png"), dpi=120)
 
 
+# ------------------------------------------------------------------ MetaNAS's configurations
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One of MetaNAS's task configurations (synthetic images of its shapes)."""
+
+    n_way: int
+    k_shot: int
+    q_query: int
+    in_channels: int
+    size: int
+    what: str
+
+
+CONFIGS = {
+    "omniglot_5w15s": Config(5, 15, 1, 1, 28, "MetaNAS's Omniglot meta-training: 5-way, 15 training shots"),
+    "omniglot_20w5s": Config(20, 5, 1, 1, 28, "MetaNAS's Omniglot script: 20-way 5-shot"),
+    "miniimagenet_5w5s": Config(5, 5, 1, 3, 84, "miniImageNet-shaped 5-way 5-shot, 84x84 RGB"),
+}
+CONFIG_ALGOS = ("reptile", "fomaml", "maml")
+SIDES = ("reference", "metanas")
+# --quick: the same code paths at tiny sizes (seconds): a 2-cell supernet under the same rule
+QUICK_NET = {"channels": 4, "n_cells": 2, "n_nodes": 2, "stem_multiplier": 1, "reduction_cells": (1,),
+             "reduction_channel_scale": 1, "ops": "metanas"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    config: str
+    algo: str
+    side: str
+    protocol: str
+    meta_batch: int
+    device: str
+    quick: bool
+    threads: int
+
+
+def _shape(m: Measurement) -> Config:
+    c = CONFIGS[m.config]
+    if m.quick:
+        return dataclasses.replace(c, n_way=min(c.n_way, 3), k_shot=min(c.k_shot, 4), size=max(7, c.size // 4))
+    return c
+
+
+def _inner(protocol: str, quick: bool):
+    """The reference's protocol: 5 epochs of 20-image mini-batches (``minibatch``), or 5
+    whole-support steps (``full``); Adam at lr 0.005, temperature 1.0 -> 0.05."""
+    from metanas.inner import InnerLoopConfig
+
+    batch = None if protocol == "full" else (4 if quick else 20)
+    return InnerLoopConfig(steps=2 if quick else 5, lr_weights=0.005, lr_alphas=0.005, optimizer="adam",
+                           temperature_start=1.0, temperature_end=0.05, batch_size=batch)
+
+
+def _config_setup(m: Measurement):
+    """Network, alphas and the meta-batch of one measurement (seeded)."""
+    from metanas.search_space import SearchNetwork, SearchSpaceConfig, init_alphas
+    from metanas.tasks import Task
+
+    c, device = _shape(m), torch.device(m.device)
+    space = SearchSpaceConfig(in_channels=c.in_channels, n_classes=c.n_way, pairwise_input_alphas=True,
+                              prune_threshold=0.01, **(QUICK_NET if m.quick else METANAS_NET))
+    torch.manual_seed(0)
+    net = SearchNetwork(space).to(device)
+    alphas = {k: v.to(device) for k, v in init_alphas(space, generator=torch.Generator().manual_seed(0)).items()}
+    tasks = []
+    for i in range(m.meta_batch):
+        g = torch.Generator().manual_seed(100 + i)
+
+        def block(k):
+            y = torch.arange(c.n_way).repeat_interleave(k)
+            x = torch.rand(c.n_way * k, c.in_channels, c.size, c.size, generator=g)
+            return x.to(device), y.to(device)
+
+        (sx, sy), (qx, qy) = block(c.k_shot), block(c.q_query)
+        tasks.append(Task(sx, sy, qx, qy, tuple(range(c.n_way))))
+    return net, alphas, tasks
+
+
+def _measure(conn, m: Measurement) -> None:
+    """One measurement in a process of its own: one meta-step of ``m.meta_batch`` tasks."""
+    from reference import Bundled, plain_ops, reference_meta_step
+
+    from metanas.algorithms import FOMAML, MAML, Reptile
+    from metanas.engines import TaskPool, default_workers
+    from metanas.flops import synchronize
+    from metanas.memory import GB, SAFETY_FRACTION, available_bytes, estimate_task_bytes
+
+    try:
+        device, c = torch.device(m.device), _shape(m)
+        net, alphas, tasks = _config_setup(m)
+        inner = _inner(m.protocol, m.quick)
+        weights = dict(net.named_parameters())
+        meta_alphas = {k: v.clone().requires_grad_(True) for k, v in alphas.items()}
+        if m.side == "reference":
+            torch.set_num_threads(m.threads)
+            model = Bundled(plain_ops(net), alphas)
+
+            def step():
+                return reference_meta_step(model, tasks, inner, m.algo)
+            pool = None
+        else:  # metanas as metanas-train runs it: batching auto, a thread per core (or vmap on CUDA)
+            workers = min(default_workers(device), m.meta_batch)
+            torch.set_num_threads(m.threads)
+            pool = TaskPool(net, workers)
+            algo = {"reptile": Reptile, "fomaml": FOMAML, "maml": MAML}[m.algo]()
+
+            def step():
+                return algo.meta_gradients(net, weights, meta_alphas, tasks, inner, pool=pool)
+            if m.algo == "maml":  # do not push a shared machine into swap: estimate first
+                need = estimate_task_bytes(net, weights, alphas, tasks[0], inner, second_order=True)
+                free = available_bytes(device)
+                if free is not None and need * min(workers, m.meta_batch) > SAFETY_FRACTION * free:
+                    conn.send({"skipped": f"not run: estimated {need / GB:.1f} GiB per task, more than "
+                               f"{SAFETY_FRACTION:g} of the {free / GB:.1f} GiB available"})
+                    return
+        # warm-up on a one-image-per-class task, one step: lazy initialisation (optimiser and
+        # dispatcher set-up, thread start) is not timed; it needs far less memory than the step
+        t0 = tasks[0]
+        one = [type(t0)(t0.support_x[::c.k_shot], t0.support_y[::c.k_shot], t0.query_x, t0.query_y,
+                        t0.classes)]
+        warm = dataclasses.replace(inner, steps=1, batch_size=None)
+        if m.side == "reference":
+            reference_meta_step(model, one, warm, m.algo)
+        else:
+            algo.meta_gradients(net, weights, meta_alphas, one, warm, pool=pool)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        else:
+            base = _status_kb("VmRSS") * 1024
+        synchronize(device)
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        seconds = time.perf_counter() - start
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device) - base
+        else:
+            peak = _status_kb("VmHWM") * 1024 - base
+        estimate = None
+        if m.side == "metanas":  # after the peak is read: the estimate's own pass must not count
+            estimate = estimate_task_bytes(net, weights, alphas, tasks[0], inner, second_order=m.algo == "maml")
+            pool.close()
+        conn.send({"seconds": seconds, "peak_bytes": peak, "estimate_bytes": estimate})
+    except Exception as exc:  # noqa: BLE001  report the failure instead of hanging the parent
+        conn.send({"error": f"{type(exc).__name__}: {exc}"})
+
+
+def _flops_child(conn, m: Measurement) -> None:
+    """FLOPs of one task per algorithm (matmuls and convolutions are linear in the batch, so
+    one image's forward and forward+backward are counted and scaled by the images processed)."""
+    import torch.nn.functional as F
+
+    from metanas.flops import count_flops
+    from metanas.functional import forward
+
+    try:
+        torch.set_num_threads(1)
+        net, alphas, tasks = _config_setup(dataclasses.replace(m, meta_batch=1))
+        inner = _inner(m.protocol, m.quick)
+        task = tasks[0]
+        w = dict(net.named_parameters())
+        a = {k: v.requires_grad_(True) for k, v in alphas.items()}
+        x, y = task.support_x[:1], task.support_y[:1]
+
+        def fwd():
+            with torch.no_grad():
+                forward(net, w, a, x)
+
+        def fwd_bwd():
+            loss = F.cross_entropy(forward(net, w, a, x), y)
+            torch.autograd.grad(loss, [*w.values(), *a.values()])
+
+        f1, fb1 = count_flops(fwd), count_flops(fwd_bwd)
+        n_support, n_query = task.support_x.shape[0], task.query_x.shape[0]
+        adapt = inner.steps * n_support * fb1  # every epoch (or step) sees each support image once
+        conn.send({"reptile": adapt + n_query * f1, "fomaml": adapt + n_query * fb1})
+    except Exception as exc:  # noqa: BLE001
+        conn.send({"error": f"{type(exc).__name__}: {exc}"})
+
+
+def _run_one(ctx, target, m: Measurement) -> dict:
+    proc, conn = _fork(ctx, target, m)
+    try:
+        return conn.recv()
+    except EOFError:  # killed (e.g. out of memory)
+        return {"error": f"the measurement process died (exit code {proc.exitcode})"}
+    finally:
+        proc.join(timeout=60)
+
+
+def run_configs(args, device: str, ctx, peak: float) -> None:
+    """MetaNAS's configurations: the reference structure against metanas, one process per
+    measurement, the sides alternated; writes ``results/meta_step_configs_<device>[_quick]``."""
+    started = time.perf_counter()
+    names = list(CONFIGS) if "all" in args.configs else args.configs
+    maml_on = set(CONFIGS) if "all" in args.maml_configs else set(args.maml_configs)
+    algos = [a for a in args.config_algos]
+    reps = args.reps or 1
+    threads = args.intra_op_threads
+    rows = []
+    for name in names:
+        base = Measurement(name, "reptile", "metanas", args.protocol, args.meta_batch_configs, device,
+                           args.quick, threads)
+        flops = _run_one(ctx, _flops_child, base)
+        if "error" in flops:
+            print(f"  {name}: FLOP count FAILED {flops['error']}", file=sys.stderr)
+        for algo in algos:
+            if algo == "maml" and name not in maml_on:
+                continue
+            sides = SIDES if algo != "maml" else ("metanas",)  # deep copies cannot do second order
+            results = {side: [] for side in sides}
+            for r in range(reps):
+                for side in (sides if r % 2 == 0 else sides[::-1]):
+                    m = dataclasses.replace(base, algo=algo, side=side)
+                    out = _run_one(ctx, _measure, m)
+                    results[side].append(out)
+                    what = (f"{out['seconds'] / m.meta_batch:.2f} s/task, "
+                            f"{out['peak_bytes'] / 2**20:.0f} MiB" if "seconds" in out
+                            else out.get("skipped") or f"FAILED {out.get('error')}")
+                    print(f"{name} {algo} {side} rep {r + 1}/{reps}: {what}", flush=True)
+            for side, outs in results.items():
+                good = [o for o in outs if "seconds" in o]
+                note = "" if good else "; ".join(o.get("skipped") or o.get("error", "") for o in outs)
+                per_task = statistics.median(o["seconds"] for o in good) / base.meta_batch if good else float("nan")
+                gflop = flops.get(algo, float("nan")) / 1e9 if "error" not in flops else float("nan")
+                estimates = [o["estimate_bytes"] for o in good if o.get("estimate_bytes")]
+                rows.append({
+                    "config": name, "algo": algo, "side": side, "protocol": args.protocol,
+                    "meta_batch": base.meta_batch, "reps": len(good), "s_per_task": per_task,
+                    "peak_mib": max((o["peak_bytes"] for o in good), default=float("nan")) / 2**20,
+                    "estimate_mib": estimates[0] / 2**20 if estimates else float("nan"),
+                    "gflop_per_task": gflop, "gflops": gflop / per_task if good else float("nan"),
+                    "pct_of_peak": 100 * gflop / per_task / peak if good else float("nan"),
+                    "times": ";".join(f"{o['seconds']:.3f}" for o in good), "note": note,
+                })
+            by_side = {r["side"]: r for r in rows[-len(sides):]}
+            for r in rows[-len(sides):]:
+                ref = by_side.get("reference")
+                r["speedup_vs_reference"] = ref["s_per_task"] / r["s_per_task"] if ref else float("nan")
+                r["memory_vs_reference"] = r["peak_mib"] / ref["peak_mib"] if ref else float("nan")
+    suffix = "_quick" if args.quick else ""
+    out = args.out or Path(__file__).resolve().parent / "results" / f"meta_step_configs_{torch.device(device).type}{suffix}"
+    net = QUICK_NET if args.quick else METANAS_NET
+    inner = _inner(args.protocol, args.quick)
+    header = (f"MetaNAS's configurations on {device} ({_cores()} cores, {threads} torch thread(s) per side), "
+              f"{'QUICK MODE (tiny sizes, not a measurement), ' if args.quick else ''}"
+              f"supernet {net}, pairwise input alphas, prune threshold 0.01; inner loop: Adam lr 0.005, "
+              f"temperature 1.0 -> 0.05, {inner.steps} "
+              + (f"epochs of {inner.batch_size}-image mini-batches" if inner.batch_size else "whole-support steps")
+              + f"; meta-batch {args.meta_batch_configs}, {reps} rep(s) per side, one process per measurement, "
+              f"sides alternated; torch {torch.__version__}")
+    write_config_outputs(rows, peak, out, header)
+    print(f"wrote {out}.csv/.md/.png in {time.perf_counter() - started:.0f} s")
+
+
+CONFIG_FIELDS = ["config", "algo", "side", "protocol", "meta_batch", "reps", "s_per_task", "peak_mib",
+                 "estimate_mib", "gflop_per_task", "gflops", "pct_of_peak", "speedup_vs_reference",
+                 "memory_vs_reference", "times", "note"]
+
+
+def write_config_outputs(rows: list[dict], peak: float, out: Path, header: str) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CONFIG_FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{r[k]:.4g}" if isinstance(r[k], float) else r[k]) for k in CONFIG_FIELDS})
+
+    def num(v, fmt):
+        return "n/a" if v != v else format(v, fmt)  # NaN: not measured
+
+    lines = [header, "", f"Measured matmul peak: {peak:.1f} GFLOP/s.", "",
+             "| configuration | algorithm | side | s/task | peak MiB | estimate MiB | GFLOP/task | GFLOP/s "
+             "| % peak | x reference (speed) | memory / reference | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['config']} | {r['algo']} | {r['side']} | {num(r['s_per_task'], '.2f')} | "
+            f"{num(r['peak_mib'], '.0f')} | {num(r['estimate_mib'], '.0f')} | {num(r['gflop_per_task'], '.2f')} | "
+            f"{num(r['gflops'], '.2f')} | {num(r['pct_of_peak'], '.1f')} | {num(r['speedup_vs_reference'], '.2f')} | "
+            f"{num(r['memory_vs_reference'], '.2f')} | {r['note']} |")
+    lines += ["", "Peak MiB: growth of the measurement process's peak resident set (VmHWM) over its "
+              "resident set after setup. Estimate MiB: metanas.memory.estimate_task_bytes for one task "
+              "(what trainer.memory_budget_gb divides the budget by). Second-order MAML has no "
+              "reference (deep copies cannot differentiate through their optimiser steps)."]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    keys = list(dict.fromkeys((r["config"], r["algo"]) for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(max(9, 1.6 * len(keys)), 4.5))
+    for ax, field, label in ((axes[0], "s_per_task", "seconds per task (lower is better)"),
+                             (axes[1], "peak_mib", "peak memory, MiB (lower is better)")):
+        for i, side in enumerate(SIDES):
+            xs, ys = [], []
+            for j, key in enumerate(keys):
+                for r in rows:
+                    if (r["config"], r["algo"]) == key and r["side"] == side and r[field] == r[field]:
+                        xs.append(j + (i - 0.5) * 0.4)
+                        ys.append(r[field])
+            ax.bar(xs, ys, 0.4, label=side)
+        ax.set_xticks(range(len(keys)))
+        ax.set_xticklabels([f"{c}\n{a}" for c, a in keys], fontsize=7)
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    fig.suptitle("\n".join(textwrap.wrap(header, 140)), fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -379,11 +711,36 @@ def main() -> None:
     parser.add_argument("--n-way", type=int, default=5)
     parser.add_argument("--k-shot", type=int, default=1)
     parser.add_argument("--q-query", type=int, default=2, help="query images per class")
-    parser.add_argument("--reps", type=int, default=2, help="timed repetitions per variant")
+    parser.add_argument("--reps", type=int, default=None,
+                        help="timed repetitions per variant (default 2), or per side and algorithm with "
+                        "--configs (default 1)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--quick", action="store_true", help="small preset, T=2, 2 reps")
+    parser.add_argument("--quick", action="store_true",
+                        help="small preset, T=2, 2 reps; with --configs: tiny sizes (seconds), outputs "
+                        "named *_quick (not a measurement)")
+    parser.add_argument("--configs", nargs="+", default=None, choices=[*CONFIGS, "all"],
+                        help="measure MetaNAS's configurations instead (reference vs metanas, one "
+                        "process per measurement): " + "; ".join(f"{k}: {c.what}" for k, c in CONFIGS.items()))
+    parser.add_argument("--config-algos", nargs="+", default=list(CONFIG_ALGOS), choices=CONFIG_ALGOS,
+                        help="algorithms with --configs")
+    parser.add_argument("--maml-configs", nargs="+", default=["omniglot_5w15s"], choices=[*CONFIGS, "all"],
+                        help="configurations on which second-order MAML is measured (metanas only)")
+    parser.add_argument("--protocol", default="minibatch", choices=["minibatch", "full"],
+                        help="with --configs: 5 epochs of 20-image mini-batches (the reference's) or 5 "
+                        "whole-support steps")
+    parser.add_argument("--meta-batch-configs", type=int, default=1, help="tasks per meta-step with --configs")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.configs:
+        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        ctx = mp.get_context("fork" if device == "cpu" else "spawn")
+        proc, conn = _fork(ctx, _peak_child, device)
+        peak = conn.recv()
+        proc.join()
+        print(f"matmul peak on {device} with {_cores()} threads: {peak:.1f} GFLOP/s", flush=True)
+        run_configs(args, device, ctx, peak)
+        return
+    args.reps = args.reps or 2
     if args.quick:
         args.presets, args.meta_batch, args.reps, args.pruning = ["small"], [2], 2, ["off"]
     args.steps_of = {p: args.steps or (3 if p == "small" else 1) for p in PRESETS}

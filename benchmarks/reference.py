@@ -1,7 +1,8 @@
 """The baseline: a meta-step with the structure of the MetaNAS reference implementation.
 
 For every task of the meta-batch the meta-model (supernet weights and alphas as module
-parameters) is deep-copied, the copy is trained on the support set with ``torch.optim.SGD``,
+parameters) is deep-copied, the copy is trained on the support set with ``torch.optim.SGD``
+or ``Adam`` (whole-support steps, or epochs of shuffled mini-batches: ``inner.batch_size``),
 and its Reptile displacement or its query-loss gradient (first-order MAML) is accumulated into
 the meta-model's ``.grad``. Every op of every edge is computed (a zero-weight op is multiplied
 by zero) and the pools run in NCHW, as in the reference. Second-order MAML cannot be written
@@ -49,15 +50,26 @@ class Bundled(nn.Module):
 
 
 def _inner_train(model: Bundled, task: Task, inner: InnerLoopConfig, adapt_alphas: bool) -> None:
+    """Train the task copy with ``torch.optim`` on the support set.
+
+    Without ``inner.batch_size``: ``inner.steps`` updates on the whole support set. With it:
+    ``inner.steps`` epochs, each one pass over the support set in shuffled mini-batches of
+    ``batch_size`` images (the reference's task optimiser: 5 epochs of 20-image batches),
+    the temperature following the epoch; the shuffles are those of
+    :meth:`metanas.inner.InnerLoopConfig.batches`, so that both sides see the same batches.
+    """
     groups = [{"params": list(model.net.parameters()), "lr": inner.lr_weights}]
     if adapt_alphas:
         groups.append({"params": list(model.alphas.parameters()), "lr": inner.lr_alphas})
     opt = (torch.optim.SGD(groups) if inner.optimizer == "sgd"
            else torch.optim.Adam(groups, betas=inner.betas, eps=inner.eps))
-    for step in range(inner.steps):
-        opt.zero_grad()
-        F.cross_entropy(model(task.support_x, inner.temperature(step)), task.support_y).backward()
-        opt.step()
+    n = task.support_x.shape[0]
+    for epoch, batches in enumerate(inner.batches(n)):
+        for index in batches:
+            x, y = (task.support_x, task.support_y) if index is None else (task.support_x[index], task.support_y[index])
+            opt.zero_grad()
+            F.cross_entropy(model(x, inner.temperature(epoch)), y).backward()
+            opt.step()
 
 
 def reference_meta_step(

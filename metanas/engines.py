@@ -13,6 +13,11 @@
 Every engine calls the same per-task function and gives the same results up to rounding
 (``tests/test_fast_paths.py``).
 
+Memory. A :class:`TaskPool`'s ``memory_bound`` (set by the trainer from
+``trainer.memory_budget_gb``, :mod:`metanas.memory`) bounds the tasks in flight: at most
+``min(workers, memory_bound)`` threads compute at once, and vmap chunks hold at most
+``memory_bound`` tasks. It changes when tasks run, never what they compute.
+
 Threads. On a CPU the supernet's kernels are small and their dispatch overhead dominates, so one
 thread per task beats several threads per kernel: adapting tasks on two threads ran
 1.66x faster than one after the other on a 2-core machine
@@ -33,6 +38,7 @@ from __future__ import annotations
 import copy
 import os
 import queue
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple, TypeVar
@@ -85,15 +91,21 @@ class TaskPool:
     Args:
         net: the network whose ``forward`` the tasks use.
         workers: number of threads; 1 runs everything in the calling thread on ``net`` itself.
+        memory_bound: at most this many tasks in memory at once (None: no bound), from
+            ``trainer.memory_budget_gb`` (:mod:`metanas.memory`): the threads keep at most
+            ``min(workers, memory_bound)`` tasks in flight, and the ``vmap`` engine of
+            :meth:`metanas.algorithms.TaskwiseAlgorithm.meta_gradients` maps chunks of at most
+            ``memory_bound`` tasks. Results do not depend on it.
 
     Use as a context manager, or call :meth:`close` when done.
     """
 
-    def __init__(self, net: nn.Module, workers: int = 1) -> None:
+    def __init__(self, net: nn.Module, workers: int = 1, memory_bound: int | None = None) -> None:
         if workers < 1:
             raise ValueError(f"workers={workers}: use at least one worker")
         self.net = net
         self.workers = workers
+        self.memory_bound = memory_bound
         self._executor: ThreadPoolExecutor | None = None
         self._replicas: queue.SimpleQueue[nn.Module] = queue.SimpleQueue()
         self._networks: list[nn.Module] = [net]
@@ -109,17 +121,26 @@ class TaskPool:
         :meth:`map` (never while one runs)."""
         return list(self._networks)
 
+    @property
+    def in_flight(self) -> int:
+        """Tasks computed at the same time: ``min(workers, memory_bound)``."""
+        bound = self.memory_bound
+        return self.workers if bound is None else max(1, min(self.workers, bound))
+
     def map(self, fn: Callable[[nn.Module, T], R], items: Sequence[T]) -> list[R]:
-        """``[fn(replica, item) for item in items]``, computed concurrently, in input order."""
-        if self._executor is None or len(items) < 2:
+        """``[fn(replica, item) for item in items]``, computed concurrently (at most
+        :attr:`in_flight` at a time), in input order."""
+        if self._executor is None or len(items) < 2 or self.in_flight == 1:
             return [fn(self.net, item) for item in items]
+        slots = threading.BoundedSemaphore(self.in_flight)
 
         def run(item: T) -> R:
-            replica = self._replicas.get()
-            try:
-                return fn(replica, item)
-            finally:
-                self._replicas.put(replica)
+            with slots:
+                replica = self._replicas.get()
+                try:
+                    return fn(replica, item)
+                finally:
+                    self._replicas.put(replica)
 
         return list(self._executor.map(run, items))
 

@@ -55,6 +55,7 @@ from .io import remove_stale_temporaries
 from .logger import RunLogger
 from .models import checkpoint_model, describe, describe_model
 from .engines import TaskPool, default_workers
+from .memory import GB, check_budget, default_budget_bytes, estimate_task_bytes, tasks_that_fit
 from .search_space import OpMask, SearchSpaceConfig, architecture_stats, check_op_mask, full_op_mask, op_weights
 from .shrink import ShrinkConfig, kept_count, removed_weight_names, shrink_check, zero_counts
 
@@ -63,8 +64,10 @@ log = logging.getLogger(__name__)
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 # Offsets of the seeds of the validation and test task sequences, so that they are fixed
-# for a run and independent of the training sequence.
-VAL_SEED, TEST_SEED = 1, 2
+# for a run and independent of the training sequence; and of the task on which the memory of
+# one task in flight is estimated when an evaluation comes before any meta-step (drawn from a
+# generator of its own, so that it changes nothing else).
+VAL_SEED, TEST_SEED, MEMORY_SEED = 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,13 @@ class TrainerConfig:
             A ``linear`` meta learning-rate schedule still decays towards ``meta_steps``.
         shrink: progressive shrinking of the supernet (:class:`metanas.shrink.ShrinkConfig`;
             a mapping of its settings is accepted); off by default.
+        memory_budget_gb: GiB that the tasks in flight may take together (None: a share of
+            the memory available on the device, :func:`metanas.memory.default_budget_bytes`).
+            Before the first task, one task's peak memory is estimated
+            (:func:`metanas.memory.estimate_task_bytes`); the task threads then keep at most
+            ``min(task_workers, floor(budget / estimate))`` tasks in flight and the vmap
+            engine maps chunks of at most ``floor(budget / estimate)`` tasks. Results do not
+            depend on it; a budget that cannot hold one task is a ConfigError.
     """
 
     meta_steps: int = 1000
@@ -123,6 +133,7 @@ class TrainerConfig:
     recompute_cells: bool = False
     time_budget_min: float | None = None
     shrink: ShrinkConfig = ShrinkConfig()
+    memory_budget_gb: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shrink", ShrinkConfig.from_value(self.shrink))
@@ -142,6 +153,7 @@ class TrainerConfig:
                                    or not math.isfinite(budget) or budget <= 0):
             raise ConfigError(f"trainer.time_budget_min={budget!r} is not a positive number of "
                               "minutes; set it to e.g. 10, or to null for no budget")
+        check_budget(self.memory_budget_gb)
         if self.meta_lr_schedule not in ("constant", "linear"):
             raise ConfigError(
                 f"trainer.meta_lr_schedule={self.meta_lr_schedule!r} is unknown; "
@@ -272,6 +284,7 @@ class MetaTrainer:
         # processes on one machine share its cores: one task thread per core overall
         workers = cfg.task_workers or max(1, default_workers(self.device) // self.dist.local_world_size)
         self.pool = TaskPool(self.net, workers)
+        self._memory_bounded = False
         self.alphas = {
             k: nn.Parameter(v.detach().clone().to(self.device)) for k, v in alphas.items()
         }
@@ -582,12 +595,59 @@ class MetaTrainer:
             return sys.stderr.isatty()
         return self.cfg.progress
 
+    def bound_memory(self, task: Any | None = None, split: str = "train") -> int | None:
+        """Bound the tasks in flight by ``cfg.memory_budget_gb`` (once; later calls return
+        the bound found).
+
+        ``task`` (the first task of the run's first meta-batch) is measured with
+        :func:`metanas.memory.estimate_task_bytes`; the pool then holds
+        ``floor(budget / estimate)`` as its ``memory_bound``. The chosen bound is logged.
+        Without a task (an evaluation before any meta-step) one task of ``split`` is drawn
+        from a generator of its own (seed offset :data:`MEMORY_SEED`), so that the training
+        and evaluation task sequences are unchanged.
+
+        Returns:
+            The number of tasks that fit (None: no budget could be found on this device).
+
+        Raises:
+            ConfigError: not even one task fits in the budget.
+        """
+        if self._memory_bounded:
+            return self.pool.memory_bound
+        budget_gb = self.cfg.memory_budget_gb
+        budget = (int(budget_gb * GB) if budget_gb is not None
+                  else default_budget_bytes(self.device, self.dist.local_world_size))
+        if budget is None:
+            log.info("memory: no memory budget on %s (trainer.memory_budget_gb=null and the free "
+                     "memory cannot be read): up to %d tasks in flight", self.device, self.pool.workers)
+            self._memory_bounded = True
+            return None
+        if task is None:
+            rng = np.random.default_rng([self.seed, MEMORY_SEED])
+            task = check_task(self.sampler.sample(split, rng), self.sampler, split, self._task_dtype)
+        per_task = estimate_task_bytes(
+            self.net, self.weights, self.alphas, task.to(self.device), self.inner,
+            second_order=bool(getattr(self.algorithm, "second_order", False)),
+        )
+        fit = tasks_that_fit(budget, per_task, budget_gb)
+        self.pool.memory_bound = fit
+        self._memory_bounded = True
+        log.info(
+            "memory: about %.3f GiB per task in flight (estimated), budget %.2f GiB (%s): "
+            "%d task(s) in flight on %d thread(s), vmap chunks of at most %d tasks",
+            per_task / GB, budget / GB,
+            "trainer.memory_budget_gb" if budget_gb is not None else "a share of the available memory",
+            self.pool.in_flight, self.pool.workers, fit,
+        )
+        return fit
+
     def meta_step(self) -> dict[str, float]:
         """One outer-loop update on a fresh meta-batch; returns its statistics."""
         # every process draws the whole meta-batch (keeps the generators in step) and keeps its share
         tasks = [check_task(self.sampler.sample("train", self.rng), self.sampler, "train", self._task_dtype)
                  for _ in range(self.cfg.meta_batch_size)]
         tasks = [t.to(self.device) for t in self.dist.shard(tasks)]
+        self.bound_memory(tasks[0])
         adapt_alphas = bool(self.alphas) and self.step >= self.cfg.alpha_warmup_steps
         grads = self.algorithm.meta_gradients(
             self.net, self.weights, self.alphas, tasks, self.inner,
@@ -710,6 +770,7 @@ class MetaTrainer:
 
     def _evaluate(self, split, n_tasks, seed_offset, weights, alphas, compare_frozen=False,
                   rates=None) -> EvalResult:
+        self.bound_memory(split=split)
         return evaluate(
             self.net, weights, alphas, self.sampler, split, n_tasks, self.eval_inner,
             self.search_space, np.random.default_rng([self.seed, seed_offset]),

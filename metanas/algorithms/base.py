@@ -109,6 +109,14 @@ def _mean(dicts: Sequence[Params]) -> Params:
     return out
 
 
+def _chunk_size(chunk: int | None, pool: TaskPool | None, n_tasks: int) -> int | None:
+    """The vmap chunk: ``vmap_chunk_size`` bounded by the pool's memory bound (None: all tasks)."""
+    bound = None if pool is None else pool.memory_bound
+    if bound is None:
+        return chunk
+    return max(1, min(chunk or n_tasks, bound))
+
+
 def first_support_loss(adapted: Adapted, like: Tensor) -> Tensor:
     """The support loss before adaptation (0-dim), or NaN (like ``like``) without inner steps."""
     if adapted.support_losses:
@@ -125,7 +133,7 @@ class TaskwiseAlgorithm:
             :meth:`meta_gradients` (a plain loop without one); ``vmap`` falls back to the
             threads/loop engine when the tasks' shapes differ.
         vmap_chunk_size: tasks per vectorised call with ``vmap`` (None: the whole meta-batch;
-            smaller needs less memory).
+            smaller needs less memory); a pool's ``memory_bound`` lowers it further.
     """
 
     def __init__(self, batching: str = "auto", vmap_chunk_size: int | None = None) -> None:
@@ -194,7 +202,8 @@ class TaskwiseAlgorithm:
             inner: inner-loop settings.
             adapt_alphas: adapt and meta-learn the alphas (False during the alpha warm-up;
                 the result's ``alphas`` is then None).
-            pool: computes the tasks concurrently; it must have been built on ``net``.
+            pool: computes the tasks concurrently; it must have been built on ``net``. Its
+                ``memory_bound`` (if any) also bounds the ``vmap`` chunk size.
             rates: Meta-SGD's learned inner rates (exactly when ``inner.meta_sgd``; leaves
                 that require grad for second-order MAML); the result's ``rates`` holds their
                 meta-gradients.
@@ -217,7 +226,7 @@ class TaskwiseAlgorithm:
                 {k: v.detach() for k, v in weights.items()},
                 {k: v.detach() for k, v in alphas.items()},
                 stacked,
-                getattr(self, "vmap_chunk_size", None),
+                _chunk_size(getattr(self, "vmap_chunk_size", None), pool, len(tasks)),
             )
             return MetaGradients(
                 weights={k: v.mean(dim=0) for k, v in terms.weights.items()},
