@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from metanas.adaptation import load_meta_model
-from metanas.engines import TaskPool, default_workers
+from metanas.engines import TaskPool, default_workers, share_cores
 from metanas.evaluate import FROZEN, evaluate, mean_ci95
 from metanas.flops import count_flops
 from metanas.functional import forward
@@ -112,6 +112,11 @@ def run_budget(budget: float, seed: int, args, samplers: dict, rows: list[dict])
             continue
         if name == "genotype":
             extra = [*extra, f"model.path={base / 'learned' / 'genotype.json'}"]
+        done = base / name / "metrics.json"
+        if args.reuse and done.is_file():  # a finished run of an earlier call: meta-test it again
+            metrics[name] = json.loads(done.read_text())
+            log.info("%s: reusing %s (%d meta-steps)", name, base / name, metrics[name]["meta_steps"])
+            continue
         metrics[name] = _train(f"{name} ({budget:g} min, seed {seed})", [*common, *extra], base / name)
 
     results: dict[tuple[str, str], tuple] = {}
@@ -223,12 +228,15 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=100000,
                         help="trainer.meta_steps (the budget normally ends training first)")
     parser.add_argument("--workdir", default="outputs/architecture_value")
+    parser.add_argument("--reuse", action="store_true",
+                        help="meta-test the finished runs already in --workdir instead of retraining them")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--machine", default=f"{os.cpu_count()} CPU cores, idle")
     args = parser.parse_args()
     if "genotype" in args.models and "learned" not in args.models:
         parser.error("--models genotype needs learned (it retrains the learned run's genotype)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    share_cores(default_workers("cpu"), "cpu")  # one intra-op thread per task thread
 
     shapes_root = Path(args.workdir) / "shapes"
     if not shapes_root.is_dir():
