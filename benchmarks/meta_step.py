@@ -501,6 +501,9 @@ def _measure(conn, m: Measurement) -> None:
         one = [type(t0)(t0.support_x[::c.k_shot], t0.support_y[::c.k_shot], t0.query_x, t0.query_y,
                         t0.classes)]
         warm = dataclasses.replace(inner, steps=1, batch_size=None)
+        # CPU: the resident set before the warm-up is the base, and the high-water mark is
+        # reset after it, so memory the warm-up left cached and the step reuses still counts
+        cpu_base = _status_kb("VmRSS") * 1024
         if m.side == "reference":
             reference_meta_step(model, one, warm, m.algo)
         else:
@@ -509,7 +512,8 @@ def _measure(conn, m: Measurement) -> None:
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
         else:
-            base = _status_kb("VmRSS") * 1024
+            base = cpu_base
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
         synchronize(device)
         start = time.perf_counter()
         step()
@@ -662,8 +666,8 @@ def write_config_outputs(rows: list[dict], peak: float, out: Path, header: str) 
             f"{num(r['peak_mib'], '.0f')} | {num(r['estimate_mib'], '.0f')} | {num(r['gflop_per_task'], '.2f')} | "
             f"{num(r['gflops'], '.2f')} | {num(r['pct_of_peak'], '.1f')} | {num(r['speedup_vs_reference'], '.2f')} | "
             f"{num(r['memory_vs_reference'], '.2f')} | {r['note']} |")
-    lines += ["", "Peak MiB: growth of the measurement process's peak resident set (VmHWM) over its "
-              "resident set after setup. Estimate MiB: metanas.memory.estimate_task_bytes for one task "
+    lines += ["", "Peak MiB: growth of the measurement process's peak resident set (VmHWM, reset after the warm-up) over its "
+              "resident set before the warm-up. Estimate MiB: metanas.memory.estimate_task_bytes for one task "
               "(what trainer.memory_budget_gb divides the budget by). Second-order MAML has no "
               "reference (deep copies cannot differentiate through their optimiser steps)."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
