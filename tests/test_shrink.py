@@ -23,6 +23,7 @@ from metanas.inner import FUNC, InnerLoopConfig, adapt
 from metanas.search_space import SearchNetwork, derive_genotype, full_op_mask, init_alphas
 from metanas.shrink import ShrinkConfig, shrink_check, zero_counts
 from metanas.trainer import MetaTrainer, TrainerConfig
+from test_trainer import DyingTasks, Killed, RandomTasks
 
 OPS = ("conv_3x3", "skip_connect", "avg_pool_3x3", "sep_conv_3x3")
 KEPT = (0, 2)  # conv_3x3 and avg_pool_3x3 stay on every edge; skip_connect, sep_conv_3x3 go
@@ -241,29 +242,6 @@ def test_bad_settings_are_refused_naming_the_key(key, value, expected):
 
 
 # ---------------------------------------------------------------------------- the trainer
-class RandomTasks:
-    n_way, k_shot, q_query, input_shape = 3, 2, 2, (1, 8, 8)
-
-    def sample(self, split, rng):
-        return make_task(int(rng.integers(1 << 30)), dtype=torch.float32)
-
-
-class Killed(Exception):
-    pass
-
-
-class DyingTasks(RandomTasks):
-    def __init__(self, die_at):
-        self.calls, self.die_at = 0, die_at
-
-    def sample(self, split, rng):
-        if split == "train":
-            self.calls += 1
-            if self.calls == self.die_at:
-                raise Killed
-        return super().sample(split, rng)
-
-
 SHRINK = dict(every=1, start=1, ratio=0.995, patience=2, min_ops=2)
 
 
