@@ -414,6 +414,7 @@ class Measurement:
     device: str
     quick: bool
     threads: int
+    recompute: str = "none"
 
 
 def _shape(m: Measurement) -> Config:
@@ -483,6 +484,8 @@ def _measure(conn, m: Measurement) -> None:
         else:  # metanas as metanas-train runs it: batching auto, a thread per core (or vmap on CUDA)
             workers = min(default_workers(device), m.meta_batch)
             torch.set_num_threads(m.threads)
+            if m.recompute != "none":  # trainer.recompute_cells / trainer.recompute_edges
+                setattr(net, f"recompute_{m.recompute}", True)
             pool = TaskPool(net, workers)
             algo = {"reptile": Reptile, "fomaml": FOMAML, "maml": MAML}[m.algo]()
 
@@ -587,7 +590,7 @@ def run_configs(args, device: str, ctx, peak: float) -> None:
     rows = []
     for name in names:
         base = Measurement(name, "reptile", "metanas", args.protocol, args.meta_batch_configs, device,
-                           args.quick, threads)
+                           args.quick, threads, args.recompute)
         flops = _run_one(ctx, _flops_child, base)
         if "error" in flops:
             print(f"  {name}: FLOP count FAILED {flops['error']}", file=sys.stderr)
@@ -634,6 +637,9 @@ def run_configs(args, device: str, ctx, peak: float) -> None:
               f"supernet {net}, pairwise input alphas, prune threshold 0.01; inner loop: Adam lr 0.005, "
               f"temperature 1.0 -> 0.05, {inner.steps} "
               + (f"epochs of {inner.batch_size}-image mini-batches" if inner.batch_size else "whole-support steps")
+              + ("" if args.recompute == "none" else
+                 f"; metanas side with activations recomputed per {args.recompute[:-1]} "
+                 f"(trainer.recompute_{args.recompute})")
               + f"; meta-batch {args.meta_batch_configs}, {reps} rep(s) per side, one process per measurement, "
               f"sides alternated; torch {torch.__version__}")
     write_config_outputs(rows, peak, out, header)
@@ -733,6 +739,9 @@ def main() -> None:
                         help="with --configs: 5 epochs of 20-image mini-batches (the reference's) or 5 "
                         "whole-support steps")
     parser.add_argument("--meta-batch-configs", type=int, default=1, help="tasks per meta-step with --configs")
+    parser.add_argument("--recompute", default="none", choices=["none", "cells", "edges"],
+                        help="with --configs: metanas recomputes activations per cell or per edge in "
+                        "the backward pass (trainer.recompute_cells / trainer.recompute_edges)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.configs:

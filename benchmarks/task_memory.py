@@ -10,8 +10,8 @@ process (its peak memory is its own), one Reptile task each:
 - ``full``: 5 inner steps on the whole support set (metanas's default protocol);
 - ``minibatch``: 5 epochs of mini-batches of 20 images (``inner.batch_size=20``, the
   reference's protocol: 20 updates);
-- ``minibatch+recompute``: the same with ``trainer.recompute_cells`` (activations recomputed
-  per cell in the backward pass).
+- ``+cells`` / ``+edges`` after either: activations recomputed in the backward pass per cell
+  (``trainer.recompute_cells``) or per edge (``trainer.recompute_edges``).
 
 Peak memory is the growth of the process's peak resident set (``VmHWM``) over its resident
 set after setup. Usage: ``python benchmarks/task_memory.py [--ways 5 --shots 15]``.
@@ -47,7 +47,8 @@ def _run(conn, variant: str, ways: int, shots: int, seed: int) -> None:
                               ops="metanas", pairwise_input_alphas=True, prune_threshold=0.01)
     torch.manual_seed(seed)
     net = SearchNetwork(space)
-    net.recompute_cells = variant.endswith("recompute")
+    net.recompute_cells = variant.endswith("+cells")
+    net.recompute_edges = variant.endswith("+edges")
     weights = dict(net.named_parameters())
     alphas = {k: torch.nn.Parameter(v) for k, v in init_alphas(space).items()}
     inner = InnerLoopConfig(steps=5, lr_weights=0.005, lr_alphas=0.005, optimizer="adam",
@@ -69,7 +70,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ways", type=int, default=5)
     parser.add_argument("--shots", type=int, default=15)
-    parser.add_argument("--variants", nargs="+", default=["full", "minibatch", "minibatch+recompute"])
+    parser.add_argument("--variants", nargs="+", default=["full", "full+cells", "full+edges", "minibatch",
+                                 "minibatch+cells", "minibatch+edges"])
     args = parser.parse_args()
     ctx = mp.get_context("spawn")
     print(f"{args.ways}-way, {args.shots} support images per class, one Reptile task")

@@ -72,6 +72,7 @@ from .export import (
     torchscript_bytes,
 )
 from .engines import default_workers, share_cores
+from .memory import check_budget
 
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,7 @@ def _check_settings(cfg: DictConfig) -> None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
             raise ConfigError(f"{key}={value!r} is not a number >= 0; set {key} to a learning rate "
                               "such as 0.1 (or null: the checkpoint's)")
+    check_budget(OmegaConf.select(cfg, "memory_budget_gb"), "memory_budget_gb")
     for key in ("export", "invert"):
         value = cfg.get(key)
         if not isinstance(value, bool):
@@ -336,7 +338,7 @@ def _mode_sampled(cfg: DictConfig, model: MetaModel, device: torch.device) -> tu
     share_cores(workers, device)
     result = evaluate_tasks(model, sampler, split, int(cfg.n_tasks),
                             np.random.default_rng(int(cfg.seed)), int(cfg.finetune_steps), device,
-                            workers=workers)
+                            workers=workers, memory_budget_gb=OmegaConf.select(cfg, "memory_budget_gb"))
     genotypes = result.pop("genotypes")
     accs = result.pop("accuracies")
     div = result.pop("diversity")

@@ -49,6 +49,7 @@ from .errors import CheckpointError, ConfigError
 from .evaluate import evaluate, mean_ci95
 from .inner import Adapted, InnerLoopConfig, LearnedRates, adapt, predict
 from .engines import TaskPool, default_workers
+from .memory import GB, MEMORY_SEED, default_budget_bytes, estimate_task_bytes, tasks_that_fit
 from .models import SUPERNET, build_model, checkpoint_model
 from .search_space import (
     DiscreteNetwork,
@@ -354,6 +355,21 @@ def wilson_ci95(correct: int, n: int) -> tuple[float, float, float]:
     return p, max(0.0, centre - half), min(1.0, centre + half)
 
 
+def _memory_bound(model: MetaModel, sampler: TaskSampler, split: Split, device: torch.device | str,
+                  budget_gb: float | None, workers: int) -> int | None:
+    """Tasks that ``budget_gb`` holds in flight (None: no budget could be found)."""
+    budget = int(budget_gb * GB) if budget_gb is not None else default_budget_bytes(device)
+    if budget is None:
+        return None
+    task = sampler.sample(split, np.random.default_rng(MEMORY_SEED)).to(device)
+    per_task = estimate_task_bytes(model.net, model.weights, model.alphas, task, model.inner)
+    fit = tasks_that_fit(budget, per_task, budget_gb, key="memory_budget_gb",
+                         fixes="use fewer support images per class (k_shot=...) or a larger memory_budget_gb")
+    log.info("memory: about %.3f GiB per task in flight (estimated), budget %.2f GiB: %d task(s) in flight "
+             "on %d thread(s)", per_task / GB, budget / GB, min(fit, workers), workers)
+    return fit
+
+
 def evaluate_tasks(
     model: MetaModel,
     sampler: TaskSampler,
@@ -363,13 +379,16 @@ def evaluate_tasks(
     finetune_steps: int = 0,
     device: torch.device | str = "cpu",
     workers: int = 0,
+    memory_budget_gb: float | None = None,
 ) -> dict[str, Any]:
     """Adapt to ``n_tasks`` sampled tasks; accuracies of the supernet and discrete networks.
 
     The meta-test of :func:`metanas.evaluate.evaluate` (transductive), with the discrete task
     network's accuracy as its per-task extra. Tasks are adapted concurrently on ``workers``
-    threads (0: one per CPU core on CPU, see :mod:`metanas.engines`); the results do not
-    depend on the number of threads.
+    threads (0: one per CPU core on CPU, see :mod:`metanas.engines`), at most as many at once
+    as ``memory_budget_gb`` holds (None: a share of the available memory; the rule of
+    :mod:`metanas.memory`, one task of ``split`` drawn from a generator of its own measured);
+    the results depend on neither.
 
     Returns:
         ``{"supernet": {"accuracy", "ci95"}, "discrete": {...}, "n_tasks", "genotypes":
@@ -391,6 +410,7 @@ def evaluate_tasks(
         return {"discrete_accuracy": float(hits.float().mean())}
 
     with TaskPool(model.net, workers or default_workers(device)) as pool:
+        pool.memory_bound = _memory_bound(model, sampler, split, device, memory_budget_gb, pool.workers)
         supernet = evaluate(
             model.net, model.weights, model.alphas, sampler, split, n_tasks, model.inner,
             model.space, rng, device=device, pool=pool, extra=discrete_accuracy, rates=model.rates,

@@ -27,9 +27,9 @@ records). With ``P`` the bytes of the weights and alphas and ``U`` the inner upd
   backward's graph stay alive until the meta-gradient is taken, with each step's weights
   and optimiser moments.
 
-With ``trainer.recompute_cells`` the forward pass keeps only what the cells' checkpoints keep,
-plus the activations of the largest cell, which are rebuilt one cell at a time in the
-backward pass. The query pass is measured too and the larger of support and query is used.
+With ``trainer.recompute_cells`` (``trainer.recompute_edges``) the forward pass keeps only what
+the cells' (edges') checkpoints keep, plus the activations of the largest cell (edge), which
+are rebuilt one at a time in the backward pass. The query pass is measured too and the larger of support and query is used.
 How wrong it can be: it counts tensors, not the allocator's caching and fragmentation or the
 kernels' scratch space (CPU convolutions unfold their input), nor the Python objects; the
 peak resident set can exceed it by a factor of about 1.5 to 3 (the safety fraction of the
@@ -58,11 +58,16 @@ SAFETY_FRACTION = 0.75
 """Share of the available memory that the default budget takes."""
 
 GB = 1024**3
+
+MEMORY_SEED = 3
+"""Seed (offset) of the generator that draws the task whose memory is estimated, apart from
+the task streams of training and evaluation (which it leaves unchanged)."""
 """Bytes per unit of ``trainer.memory_budget_gb`` (GiB)."""
 
 
-def check_budget(value: Any) -> float | None:
-    """``trainer.memory_budget_gb`` validated: a positive, finite number of GiB or None.
+def check_budget(value: Any, key: str = "trainer.memory_budget_gb") -> float | None:
+    """``key`` (``trainer.memory_budget_gb``, metanas-adapt's ``memory_budget_gb``) validated:
+    a positive, finite number of GiB or None.
 
     Raises:
         ConfigError: anything else (a bool, a string, zero, a negative or infinite number).
@@ -71,7 +76,7 @@ def check_budget(value: Any) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ConfigError(
-            f"trainer.memory_budget_gb={value!r} is not a positive number of GiB; set it to e.g. 8 "
+            f"{key}={value!r} is not a positive number of GiB; set it to e.g. 8 "
             "or to null (a share of the machine's available memory)"
         )
     return float(value)
@@ -127,17 +132,25 @@ class _SavedBytes:
 
 
 def _forward_bytes(net: nn.Module, weights, alphas, x: Tensor, y: Tensor, temperature: float,
-                   second_order: bool) -> tuple[int, int, int]:
-    """``(F, G, largest cell)``: bytes saved by a forward pass and its loss, by a second-order
-    backward (0 unless ``second_order``), and by the largest cell of the forward pass."""
+                   second_order: bool) -> tuple[int, int, int, int]:
+    """``(F, G, largest cell, largest edge)``: bytes saved by a forward pass and its loss, by a
+    second-order backward (0 unless ``second_order``), and by the largest cell and the
+    largest edge (mixed op) of the forward pass."""
     counter = _SavedBytes()
     cells: list[int] = []
+    edges: list[int] = []
     handles = []
-    for cell in getattr(net, "cells", []):
+
+    def track(module: nn.Module, sizes: list[int]) -> None:
         start: list[int] = []
-        handles.append(cell.register_forward_pre_hook(lambda m, a, start=start: start.append(counter.total)))
-        handles.append(cell.register_forward_hook(
-            lambda m, a, o, start=start: cells.append(counter.total - start.pop())))
+        handles.append(module.register_forward_pre_hook(lambda m, a, start=start: start.append(counter.total)))
+        handles.append(module.register_forward_hook(
+            lambda m, a, o, start=start: sizes.append(counter.total - start.pop())))
+
+    for cell in getattr(net, "cells", []):
+        track(cell, cells)
+        for edge in getattr(cell, "edges", []):
+            track(edge, edges)
     try:
         with counter.hooks():
             loss = F.cross_entropy(forward(net, weights, alphas, x, temperature), y)
@@ -151,7 +164,7 @@ def _forward_bytes(net: nn.Module, weights, alphas, x: Tensor, y: Tensor, temper
     finally:
         for h in handles:
             h.remove()
-    return forward_bytes, backward_bytes, max(cells, default=0)
+    return forward_bytes, backward_bytes, max(cells, default=0), max(edges, default=0)
 
 
 def estimate_task_bytes(
@@ -165,7 +178,8 @@ def estimate_task_bytes(
     """Estimated peak bytes of one task in flight (see the module docstring for the rule).
 
     Args:
-        net: the network (its ``recompute_cells`` setting is taken into account).
+        net: the network (its ``recompute_cells`` and ``recompute_edges`` settings are taken
+            into account).
         weights, alphas: the meta-parameters, name -> tensor (not modified).
         task: a task with ``support_x`` ``(N*K, C, H, W)``, ``support_y``, ``query_x``, ``query_y``.
         inner: the inner loop (its mini-batch size and number of updates).
@@ -176,18 +190,22 @@ def estimate_task_bytes(
     updates = sum(len(b) for b in inner.batches(n_support))
     w = {k: v.detach().requires_grad_(True) for k, v in weights.items()}
     a = {k: v.detach().requires_grad_(True) for k, v in alphas.items()}
-    recompute = bool(getattr(net, "recompute_cells", False))
+    flags = {k: bool(getattr(net, k, False)) for k in ("recompute_cells", "recompute_edges")}
     measured = []
     for x, y, order in ((task.support_x[:batch], task.support_y[:batch], second_order),
                         (task.query_x, task.query_y, False)):
-        if recompute:  # the full forward gives the largest cell's activations
-            net.recompute_cells = False
+        rebuilt = 0
+        if any(flags.values()):  # a forward that stores everything gives the largest cell/edge
+            for k in flags:
+                setattr(net, k, False)
             try:
-                _, _, cell = _forward_bytes(net, w, a, x, y, inner.temperature(0), False)
+                _, _, cell, edge = _forward_bytes(net, w, a, x, y, inner.temperature(0), False)
             finally:
-                net.recompute_cells = True
-        f, g, _ = _forward_bytes(net, w, a, x, y, inner.temperature(0), order)
-        measured.append((f + (cell if recompute else 0), g))
+                for k, v in flags.items():
+                    setattr(net, k, v)
+            rebuilt = edge if flags["recompute_edges"] else cell
+        f, g, _, _ = _forward_bytes(net, w, a, x, y, inner.temperature(0), order)
+        measured.append((f + rebuilt, g))
     (f_support, g_support), (f_query, _) = measured
     params = sum(t.numel() * t.element_size() for t in (*weights.values(), *alphas.values()))
     f_max = max(f_support, f_query)
@@ -196,25 +214,28 @@ def estimate_task_bytes(
     return 2 * f_max + 8 * params
 
 
-def tasks_that_fit(budget_bytes: int, per_task_bytes: int, budget_gb: float | None) -> int:
+TRAIN_FIXES = ("use inner mini-batches (inner.batch_size=20), recompute activations "
+               "(trainer.recompute_edges=true), or a larger trainer.memory_budget_gb")
+"""The fixes :func:`tasks_that_fit` names for ``metanas-train``."""
+
+
+def tasks_that_fit(budget_bytes: int, per_task_bytes: int, budget_gb: float | None,
+                   key: str = "trainer.memory_budget_gb", fixes: str = TRAIN_FIXES) -> int:
     """``floor(budget / per_task)``, at least 1.
 
     Raises:
-        ConfigError: not even one task fits; names ``trainer.memory_budget_gb``, the
-            estimate and the fixes.
+        ConfigError: not even one task fits; names ``key``, the estimate and ``fixes``.
     """
     fit = budget_bytes // max(1, per_task_bytes)
     if fit < 1:
-        where = (f"trainer.memory_budget_gb={budget_gb:g}" if budget_gb is not None else
-                 f"trainer.memory_budget_gb=null ({budget_bytes / GB:.3g} GiB: "
+        where = (f"{key}={budget_gb:g}" if budget_gb is not None else
+                 f"{key}=null ({budget_bytes / GB:.3g} GiB: "
                  f"{SAFETY_FRACTION:g} of the available memory)")
         raise ConfigError(
-            f"{where} cannot hold one task in flight, estimated at {per_task_bytes / GB:.3g} GiB; "
-            "use inner mini-batches (inner.batch_size=20), recompute activations "
-            "(trainer.recompute_cells=true), or a larger trainer.memory_budget_gb"
+            f"{where} cannot hold one task in flight, estimated at {per_task_bytes / GB:.3g} GiB; {fixes}"
         )
     return int(fit)
 
 
-__all__ = ["GB", "SAFETY_FRACTION", "available_bytes", "check_budget", "default_budget_bytes",
-           "estimate_task_bytes", "tasks_that_fit"]
+__all__ = ["GB", "MEMORY_SEED", "SAFETY_FRACTION", "TRAIN_FIXES", "available_bytes", "check_budget",
+           "default_budget_bytes", "estimate_task_bytes", "tasks_that_fit"]

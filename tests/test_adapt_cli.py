@@ -274,3 +274,35 @@ def test_sampled_tasks_do_not_depend_on_the_number_of_threads(ckpt, folders):
     runs = [evaluate_tasks(model, sampler, "test", 4, np.random.default_rng(0), workers=w) for w in (1, 2)]
     assert runs[0]["accuracies"] == runs[1]["accuracies"]
     assert [g.to_json() for g in runs[0]["genotypes"]] == [g.to_json() for g in runs[1]["genotypes"]]
+
+
+def test_sampled_tasks_in_flight_follow_the_memory_budget(ckpt, folders, monkeypatch):
+    """memory_budget_gb bounds the tasks adapted at once (same results); too small a budget is
+    a clear error naming the setting."""
+    from metanas import adaptation
+    from metanas.memory import GB, estimate_task_bytes
+    from metanas.tasks import ImageFolderTasks
+
+    model = load_meta_model(ckpt)
+    sampler = ImageFolderTasks(folders / "all", n_way=3, k_shot=1, q_query=2, image_size=SIZE,
+                               channels=1, split_fractions=[0.0, 0.0, 1.0])
+    task = sampler.sample("test", np.random.default_rng(0))
+    per_task = estimate_task_bytes(model.net, model.weights, model.alphas, task, model.inner) / GB
+    pools = []
+
+    class Recorded(adaptation.TaskPool):
+        def map(self, *args, **kwargs):
+            pools.append(self.in_flight)
+            return super().map(*args, **kwargs)
+
+    monkeypatch.setattr(adaptation, "TaskPool", Recorded)
+    run = lambda gb: adaptation.evaluate_tasks(model, sampler, "test", 4, np.random.default_rng(0),  # noqa: E731
+                                               workers=2, memory_budget_gb=gb)
+    bounded, free = run(1.5 * per_task), run(1000.0)
+    assert bounded["accuracies"] == free["accuracies"]
+    assert set(pools[: len(pools) // 2]) == {1} and set(pools[len(pools) // 2:]) == {2}
+    with pytest.raises(ConfigError, match=r"^memory_budget_gb=1e-09 cannot hold one task in flight, "
+                                          r"estimated at .* GiB; use fewer support images"):
+        run(1e-9)
+    with pytest.raises(ConfigError, match=r"memory_budget_gb=-1 is not a positive number of GiB"):
+        adapt_command(_cfg(checkpoint=ckpt, data=folders / "all", memory_budget_gb=-1), ckpt.parent / "bad")

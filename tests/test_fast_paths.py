@@ -206,22 +206,24 @@ def test_share_cores_splits_torch_threads_among_task_threads_on_cpu_only():
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("where", ["cells", "edges"])
 @pytest.mark.parametrize("algo_cls", [Reptile, FOMAML, MAML])
-def test_recomputed_cells_give_the_same_meta_gradients(algo_cls):
-    """Activation recomputation (checkpointing per cell) changes memory, not the numbers."""
+def test_recomputed_activations_give_the_same_meta_gradients(algo_cls, where):
+    """Activation recomputation (checkpointing per cell or per edge) changes memory, not the
+    numbers."""
     net, weights, alphas = _setup()
     tasks = [make_task(s) for s in (5, 6)]
     stored = algo_cls(batching="loop").meta_gradients(net, weights, alphas, tasks, SGD)
-    net.recompute_cells = True
+    setattr(net, f"recompute_{where}", True)
     calls = []
-    cell = net.cells[0]
-    cell.forward = lambda *args, _f=type(cell).forward: (calls.append(1), _f(cell, *args))[1]
+    module = net.cells[0] if where == "cells" else net.cells[0].edges[0]
+    module.forward = lambda *args, _f=type(module).forward, **kw: (calls.append(1), _f(module, *args, **kw))[1]
     try:
         recomputed = algo_cls(batching="loop").meta_gradients(net, weights, alphas, tasks, SGD)
     finally:
-        del cell.forward
-        net.recompute_cells = False
+        del module.forward
+        setattr(net, f"recompute_{where}", False)
     _assert_same(recomputed, stored, rtol=1e-12, atol=1e-14)
-    # the first cell really ran again in the backward passes: more forwards than inner steps
+    # the module really ran again in the backward passes: more forwards than inner steps
     forwards = len(tasks) * (SGD.steps + 1)
     assert len(calls) > forwards

@@ -118,7 +118,7 @@ def test_a_budget_below_one_task_is_a_clear_error(tmp_path):
         trainer.close()
     msg = str(err.value)
     assert "\n" not in msg
-    for part in ("trainer.memory_budget_gb=1e-09", "GiB", "inner.batch_size", "trainer.recompute_cells",
+    for part in ("trainer.memory_budget_gb=1e-09", "GiB", "inner.batch_size", "trainer.recompute_edges",
                  "larger trainer.memory_budget_gb"):
         assert part in msg
     estimate = float(msg.split("estimated at ")[1].split(" GiB")[0])
@@ -211,6 +211,30 @@ def test_the_estimate_follows_what_the_inner_loop_keeps():
         recomputed = estimate_task_bytes(net, weights, alphas, task, INNER)
     finally:
         net.recompute_cells = False
+    net.recompute_edges = True
+    try:
+        per_edge = estimate_task_bytes(net, weights, alphas, task, INNER)
+    finally:
+        net.recompute_edges = False
     assert second > 2 * first  # every update's graph is kept
     assert smaller_batch < first / 2  # a mini-batch of 2 of the 18 images
     assert recomputed < first
+    assert per_edge < recomputed  # one edge's ops are rebuilt at a time, not a whole cell's
+
+
+@pytest.mark.parametrize("key", ["recompute_cells", "recompute_edges"])
+def test_recompute_settings_reach_the_network_and_its_task_thread_replicas(tmp_path, key):
+    trainer = _trainer(tmp_path, Reptile(batching="threads"), **{key: True})
+    try:
+        replicas = trainer.pool.networks()
+        assert len(replicas) == 5 and replicas[0] is trainer.net
+        assert all(getattr(n, key) for n in replicas)
+        other = "recompute_edges" if key == "recompute_cells" else "recompute_cells"
+        assert not any(getattr(n, other) for n in replicas)
+    finally:
+        trainer.close()
+
+
+def test_recomputing_both_per_cell_and_per_edge_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"recompute_cells=true and trainer\.recompute_edges=true: set one"):
+        _trainer(tmp_path, Reptile(), recompute_cells=True, recompute_edges=True)

@@ -385,34 +385,38 @@ class SearchCell(CellBase):
         w: Tensor,
         beta: Tensor | None,
         active: Sequence[Sequence[bool]] | None = None,
+        recompute_edges: bool = False,
     ) -> Tensor:
         """Args: cell inputs ``s0``, ``s1``; op weights ``w`` ``(n_edges, n_ops)``; normalised
         edge weights ``beta`` ``(n_edges,)`` or None; ``active[e][o]``: compute op ``o`` of
-        edge ``e`` (None: every op; see :meth:`MixedOp.forward`).
+        edge ``e`` (None: every op; see :meth:`MixedOp.forward`); ``recompute_edges``: keep
+        only each edge's input and output, recompute its ops in the backward pass.
         Returns ``(B, n_nodes * C, H', W')``."""
         states = [self.preproc0(s0), self.preproc1(s1)]
         for off in node_offsets(self.n_nodes):
             node = None
             for j, h in enumerate(states):
                 e = off + j
-                term = self.edges[e](h, w[e], None if active is None else active[e])
+                args = (h, w[e], None if active is None else active[e])
+                term = _recomputed(self.edges[e], args) if recompute_edges else self.edges[e](*args)
                 term = term if beta is None else beta[e] * term
                 node = term if node is None else node + term
             states.append(node)
         return torch.cat(states[2:], dim=1)
 
 
-def _recomputed(cell: nn.Module, args: tuple) -> Tensor:
-    """``cell(*args)`` with its activations recomputed in the backward pass.
+def _recomputed(module: nn.Module, args: tuple) -> Tensor:
+    """``module(*args)`` (a cell or an edge) with its activations recomputed in the backward
+    pass.
 
-    The cell's tensors are handed to the checkpoint as explicit inputs: under
+    The module's tensors are handed to the checkpoint as explicit inputs: under
     :func:`torch.func.functional_call` (the adapted weights) they are swapped back out of the
     module before the backward pass, so the recomputation must not read them from the module.
     """
-    names, tensors = zip(*cell.named_parameters())
+    names, tensors = zip(*module.named_parameters())
 
     def run(*flat: Tensor) -> Tensor:
-        return functional_call(cell, dict(zip(names, flat[len(args):])), flat[: len(args)])
+        return functional_call(module, dict(zip(names, flat[len(args):])), flat[: len(args)])
 
     return checkpoint(run, *args, *tensors, use_reentrant=False)
 
@@ -442,10 +446,15 @@ class SearchNetwork(nn.Module):
             non-reentrant): less activation memory for about one more forward pass, the same
             gradients (second order included). Applies outside ``torch.func`` transforms and
             when autograd records (default False).
+        recompute_edges: the same per edge (mixed op): only each edge's input and output are
+            kept, and one edge's ops are rebuilt at a time in the backward pass. It keeps far
+            less than ``recompute_cells`` (a cell's activations are mostly its ops'
+            intermediates) for the same extra forward pass, and takes precedence over it.
     """
 
     skip_pruned_ops: bool = True
     recompute_cells: bool = False
+    recompute_edges: bool = False
 
     def __init__(self, cfg: SearchSpaceConfig) -> None:
         super().__init__()
@@ -499,11 +508,13 @@ class SearchNetwork(nn.Module):
         }
         active = {k: self._active_ops(w, None if mask is None else mask[k]) for k, w in weights.items()}
         s0 = s1 = self.stem(x)
-        recompute = self.recompute_cells and torch.is_grad_enabled() and is_plain(x)
+        recording = torch.is_grad_enabled() and is_plain(x)
+        edges = self.recompute_edges and recording
+        recompute = self.recompute_cells and recording and not edges
         for cell in self.cells:
             kind = "reduce" if cell.reduction else "normal"
             args = (s0, s1, weights[kind], betas[kind], active[kind])
-            out = _recomputed(cell, args) if recompute else cell(*args)
+            out = _recomputed(cell, args) if recompute else cell(*args, recompute_edges=edges)
             s0, s1 = s1, out
         logits = self.classifier(s1.mean(dim=(2, 3)))
         skipped = self._skipped_weights(active, mask)
