@@ -415,6 +415,7 @@ class Measurement:
     quick: bool
     threads: int
     recompute: str = "none"
+    epochs: int = 5
 
 
 def _shape(m: Measurement) -> Config:
@@ -424,13 +425,14 @@ def _shape(m: Measurement) -> Config:
     return c
 
 
-def _inner(protocol: str, quick: bool):
-    """The reference's protocol: 5 epochs of 20-image mini-batches (``minibatch``), or 5
-    whole-support steps (``full``); Adam at lr 0.005, temperature 1.0 -> 0.05."""
+def _inner(protocol: str, quick: bool, epochs: int = 5):
+    """The reference's protocol: ``epochs`` (MetaNAS: 5) epochs of 20-image mini-batches
+    (``minibatch``), or as many whole-support steps (``full``); Adam at lr 0.005, temperature
+    1.0 -> 0.05."""
     from metanas.inner import InnerLoopConfig
 
     batch = None if protocol == "full" else (4 if quick else 20)
-    return InnerLoopConfig(steps=2 if quick else 5, lr_weights=0.005, lr_alphas=0.005, optimizer="adam",
+    return InnerLoopConfig(steps=2 if quick else epochs, lr_weights=0.005, lr_alphas=0.005, optimizer="adam",
                            temperature_start=1.0, temperature_end=0.05, batch_size=batch)
 
 
@@ -471,7 +473,7 @@ def _measure(conn, m: Measurement) -> None:
     try:
         device, c = torch.device(m.device), _shape(m)
         net, alphas, tasks = _config_setup(m)
-        inner = _inner(m.protocol, m.quick)
+        inner = _inner(m.protocol, m.quick, m.epochs)
         weights = dict(net.named_parameters())
         meta_alphas = {k: v.clone().requires_grad_(True) for k, v in alphas.items()}
         if m.side == "reference":
@@ -546,7 +548,7 @@ def _flops_child(conn, m: Measurement) -> None:
     try:
         torch.set_num_threads(1)
         net, alphas, tasks = _config_setup(dataclasses.replace(m, meta_batch=1))
-        inner = _inner(m.protocol, m.quick)
+        inner = _inner(m.protocol, m.quick, m.epochs)
         task = tasks[0]
         w = dict(net.named_parameters())
         a = {k: v.requires_grad_(True) for k, v in alphas.items()}
@@ -590,7 +592,7 @@ def run_configs(args, device: str, ctx, peak: float) -> None:
     rows = []
     for name in names:
         base = Measurement(name, "reptile", "metanas", args.protocol, args.meta_batch_configs, device,
-                           args.quick, threads, args.recompute)
+                           args.quick, threads, args.recompute, args.epochs)
         flops = _run_one(ctx, _flops_child, base)
         if "error" in flops:
             print(f"  {name}: FLOP count FAILED {flops['error']}", file=sys.stderr)
@@ -631,7 +633,7 @@ def run_configs(args, device: str, ctx, peak: float) -> None:
     suffix = "_quick" if args.quick else ""
     out = args.out or Path(__file__).resolve().parent / "results" / f"meta_step_configs_{torch.device(device).type}{suffix}"
     net = QUICK_NET if args.quick else METANAS_NET
-    inner = _inner(args.protocol, args.quick)
+    inner = _inner(args.protocol, args.quick, args.epochs)
     header = (f"MetaNAS's configurations on {device} ({_cores()} cores, {threads} torch thread(s) per side), "
               f"{'QUICK MODE (tiny sizes, not a measurement), ' if args.quick else ''}"
               f"supernet {net}, pairwise input alphas, prune threshold 0.01; inner loop: Adam lr 0.005, "
@@ -739,6 +741,9 @@ def main() -> None:
                         help="with --configs: 5 epochs of 20-image mini-batches (the reference's) or 5 "
                         "whole-support steps")
     parser.add_argument("--meta-batch-configs", type=int, default=1, help="tasks per meta-step with --configs")
+    parser.add_argument("--epochs", type=int, default=5,
+                        help="with --configs: inner epochs (or whole-support steps with --protocol full); "
+                        "MetaNAS's is 5")
     parser.add_argument("--recompute", default="none", choices=["none", "cells", "edges"],
                         help="with --configs: metanas recomputes activations per cell or per edge in "
                         "the backward pass (trainer.recompute_cells / trainer.recompute_edges)")

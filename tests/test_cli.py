@@ -53,7 +53,8 @@ def test_algorithms_bring_their_meta_optimiser():
 
 
 def run_cli(*args, cwd):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    # one intra-op thread: several OpenMP threads per kernel are many times slower on a shared machine
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, "-m", "metanas.cli", *args], cwd=cwd, env=env,
         capture_output=True, text=True, timeout=600,
@@ -149,7 +150,7 @@ def test_custom_sampler_plugs_in_through_the_search_path(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "metanas.cli", "experiment=smoke", "task=stripes",
          f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": env_path}, capture_output=True, text=True,
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": env_path, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
