@@ -13,7 +13,11 @@ For every wall-time budget and seed, ``metanas-train`` meta-trains on Omniglot (
 * ``conv4``: conv-4 with as many weights as the supernet (``model=conv4
   model.match_parameters=supernet``), meta-trained the same way;
 * ``genotype``: the discrete network of the ``learned`` run's meta-genotype, meta-trained
-  from scratch the same way (``model=genotype``: "retrain the found cell").
+  from scratch the same way (``model=genotype``: "retrain the found cell"), for a budget of
+  its own (the search is not charged to it);
+* ``search_retrain``: the whole NAS pipeline within the one budget: the recipe's supernet
+  meta-trained for ``--search-fraction`` of it, then its meta-genotype meta-trained from
+  scratch for the rest (meta-steps and wall time are the two stages' sums).
 
 Every model of a (budget, seed) is then meta-tested on the same ``--tasks`` Omniglot test
 tasks and the same cross-domain tasks (drawn shapes, :func:`metanas.tasks.synthetic.
@@ -61,12 +65,13 @@ from metanas.tasks.synthetic import make_shapes_folder
 
 log = logging.getLogger("architecture_value")
 RESULTS = Path(__file__).resolve().parent / "results"
-MODELS = ("learned", "frozen", "uniform", "conv4", "genotype")
+MODELS = ("learned", "frozen", "uniform", "conv4", "genotype", "search_retrain")
 TRAINED = {  # model -> extra metanas-train overrides (on top of the recipe); "frozen" is learned's
     "learned": [],
     "uniform": ["inner.lr_alphas=0", "optim.alphas.lr=0"],
     "conv4": ["model=conv4", "model.match_parameters=supernet"],
     "genotype": ["model=genotype"],  # + model.path=<learned run>/genotype.json
+    "search_retrain": ["model=genotype"],  # + model.path=<its own search run>/genotype.json
 }
 FIELDS = ["budget_min", "seed", "model", "dataset", "accuracy", "ci95", "n_tasks", "meta_steps",
           "train_time_s", "parameters", "mflops_per_image", "diff_vs_learned", "diff_ci95",
@@ -85,6 +90,12 @@ def _train(name: str, overrides: list[str], run_dir: Path) -> dict:
     log.info("%s: %d meta-steps in %.0f s of training (%.0f s in all)", name, metrics["meta_steps"],
              metrics["train_time_s"], time.perf_counter() - started)
     return metrics
+
+
+def _two_stages(search: dict, retrain: dict) -> dict:
+    """The retrained network's metrics with the search's meta-steps and time added."""
+    return {**retrain, "meta_steps": search["meta_steps"] + retrain["meta_steps"],
+            "train_time_s": search["train_time_s"] + retrain["train_time_s"]}
 
 
 def _mflops(model, input_shape: tuple[int, ...]) -> float:
@@ -115,9 +126,24 @@ def run_budget(budget: float, seed: int, args, samplers: dict, rows: list[dict])
         done = base / name / "metrics.json"
         if args.reuse and done.is_file():  # a finished run of an earlier call: meta-test it again
             metrics[name] = json.loads(done.read_text())
+            if name == "search_retrain":
+                metrics[name] = _two_stages(json.loads((base / "search" / "metrics.json").read_text()),
+                                            metrics[name])
             log.info("%s: reusing %s (%d meta-steps)", name, base / name, metrics[name]["meta_steps"])
             continue
-        metrics[name] = _train(f"{name} ({budget:g} min, seed {seed})", [*common, *extra], base / name)
+        what = f"{name} ({budget:g} min, seed {seed})"
+        if name == "search_retrain":  # stage 1: the supernet for a fraction of the budget
+            split = args.search_fraction * budget
+
+            def budgeted(minutes: float) -> list[str]:
+                return [f"trainer.time_budget_min={minutes:g}" if c.startswith("trainer.time_budget_min=")
+                        else c for c in common]
+            search = _train(f"{what}, search", budgeted(split), base / "search")
+            retrain = _train(f"{what}, retrain", [*budgeted(budget - split), *extra,
+                                                  f"model.path={base / 'search' / 'genotype.json'}"], base / name)
+            metrics[name] = _two_stages(search, retrain)
+            continue
+        metrics[name] = _train(what, [*common, *extra], base / name)
 
     results: dict[tuple[str, str], tuple] = {}
     for name in metrics:
@@ -225,6 +251,8 @@ def main() -> None:
     parser.add_argument("--k-shot", type=int, default=1)
     parser.add_argument("--recipe", default="", help="metanas-train overrides of the recipe")
     parser.add_argument("--models", nargs="+", default=list(TRAINED), choices=list(TRAINED))
+    parser.add_argument("--search-fraction", type=float, default=0.3,
+                        help="share of the budget that search_retrain spends on the supernet")
     parser.add_argument("--max-steps", type=int, default=100000,
                         help="trainer.meta_steps (the budget normally ends training first)")
     parser.add_argument("--workdir", default="outputs/architecture_value")
