@@ -73,6 +73,7 @@ from .export import (
 )
 from .engines import default_workers, share_cores
 from .memory import check_budget
+from .pretrained import default_checkpoint
 
 
 log = logging.getLogger(__name__)
@@ -137,10 +138,13 @@ def _check_settings(cfg: DictConfig) -> None:
 
 
 def _load_model(cfg: DictConfig, device: torch.device) -> MetaModel:
-    if OmegaConf.is_missing(cfg, "checkpoint") or cfg.checkpoint in (None, ""):
-        raise ConfigError(f"no checkpoint given; pass checkpoint=<run dir>/{rundir.CHECKPOINTS}/{rundir.BEST_CKPT}")
+    path = cfg.get("checkpoint")
+    if path in (None, ""):
+        path = default_checkpoint()
+        log.info("checkpoint: the bundled Omniglot 5-way 1-shot supernet (%s; see its README); "
+                 "pass checkpoint=<run dir>/%s/%s for your own", path, rundir.CHECKPOINTS, rundir.BEST_CKPT)
     inner = OmegaConf.to_container(cfg.inner, resolve=True) if cfg.inner is not None else {}
-    return load_meta_model(cfg.checkpoint, device, inner)
+    return load_meta_model(path, device, inner)
 
 
 def _image_size(cfg: DictConfig, model: MetaModel) -> int:

@@ -552,6 +552,12 @@ class MetaTrainer:
         as a warning: the run then continues, but not as the original run would have.
         """
         state = load_checkpoint(path, self.search_space.to_dict(), self.device)
+        if state.get("slim"):
+            raise CheckpointError(
+                f"checkpoint {path} is a slim checkpoint for adaptation (no meta-optimiser or random "
+                "generator states), it cannot resume a run; use it with metanas-adapt, or resume from "
+                "the run's own checkpoints/last.ckpt"
+            )
         held, wanted = checkpoint_model(state, path), describe(self.net)
         if held != wanted:
             raise CheckpointError(
@@ -737,9 +743,10 @@ class MetaTrainer:
         """
         temperature = self.eval_inner.temperature(self.eval_inner.steps)
         mask = self.net_op_mask
-        row = {**architecture_stats(self.alphas, self.search_space, temperature, mask),
+        weights = op_weights(self.alphas, self.search_space, temperature, mask)
+        row = {**architecture_stats(self.alphas, self.search_space, temperature, mask, weights),
                "alpha_displacement": displacement}
-        for kind, w in op_weights(self.alphas, self.search_space, temperature, mask).items():
+        for kind, w in weights.items():
             for e, edge in enumerate(w.tolist()):
                 row.update({f"op/{kind}/{e}/{op}": v for op, v in zip(self.search_space.ops, edge)})
         return row

@@ -262,9 +262,12 @@ def op_weights(
 
 def architecture_stats(
     alphas: Mapping[str, Tensor], cfg: SearchSpaceConfig, temperature: float = 1.0,
-    op_mask: OpMask | None = None,
+    op_mask: OpMask | None = None, weights: Mapping[str, Tensor] | None = None,
 ) -> dict[str, float]:
     """How decided the architecture is, per cell kind present (``<kind>`` below).
+
+    ``weights``: the op weights :func:`op_weights` gives for these arguments, when the caller
+    has them already (they are not computed again).
 
     Returns:
         ``entropy_<kind>``: mean over edges of the op weights' entropy relative to the
@@ -273,7 +276,7 @@ def architecture_stats(
         the weights are those over the kept ops (the entropy still relative to ``log(n_ops)``).
     """
     out = {}
-    for kind, w in op_weights(alphas, cfg, temperature, op_mask).items():
+    for kind, w in (op_weights(alphas, cfg, temperature, op_mask) if weights is None else weights).items():
         entropy = -(w * torch.log(w.clamp_min(1e-300))).sum(dim=-1)
         out[f"entropy_{kind}"] = float(entropy.mean() / math.log(cfg.n_ops))
         out[f"max_weight_{kind}"] = float(w.max())
