@@ -112,8 +112,7 @@ def _paired(a: tuple[float, ...], b: tuple[float, ...]) -> tuple[float, float]:
 
 def run_budget(budget: float, seed: int, args, samplers: dict, rows: list[dict]) -> None:
     recipe = shlex.split(args.recipe)
-    common = [*recipe, f"seed={seed}", f"trainer.time_budget_min={budget}",
-              f"trainer.meta_steps={args.max_steps}", "trainer.val_every=0",
+    common = [*recipe, f"seed={seed}", f"trainer.meta_steps={args.max_steps}", "trainer.val_every=0",
               "trainer.n_test_tasks=1", "trainer.compare_frozen_alphas=false", "trainer.ckpt_every=0",
               "trainer.progress=false", "logger.curves=false", f"task.k_shot={args.k_shot}"]
     base = Path(args.workdir) / f"budget{budget:g}_seed{seed}"
@@ -134,16 +133,12 @@ def run_budget(budget: float, seed: int, args, samplers: dict, rows: list[dict])
         what = f"{name} ({budget:g} min, seed {seed})"
         if name == "search_retrain":  # stage 1: the supernet for a fraction of the budget
             split = args.search_fraction * budget
-
-            def budgeted(minutes: float) -> list[str]:
-                return [f"trainer.time_budget_min={minutes:g}" if c.startswith("trainer.time_budget_min=")
-                        else c for c in common]
-            search = _train(f"{what}, search", budgeted(split), base / "search")
-            retrain = _train(f"{what}, retrain", [*budgeted(budget - split), *extra,
+            search = _train(f"{what}, search", [*common, f"trainer.time_budget_min={split:g}"], base / "search")
+            retrain = _train(f"{what}, retrain", [*common, f"trainer.time_budget_min={budget - split:g}", *extra,
                                                   f"model.path={base / 'search' / 'genotype.json'}"], base / name)
             metrics[name] = _two_stages(search, retrain)
             continue
-        metrics[name] = _train(what, [*common, *extra], base / name)
+        metrics[name] = _train(what, [*common, f"trainer.time_budget_min={budget}", *extra], base / name)
 
     results: dict[tuple[str, str], tuple] = {}
     for name in metrics:

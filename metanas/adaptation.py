@@ -49,7 +49,7 @@ from .errors import CheckpointError, ConfigError
 from .evaluate import evaluate, mean_ci95
 from .inner import Adapted, InnerLoopConfig, LearnedRates, adapt, predict
 from .engines import TaskPool, default_workers
-from .memory import GB, MEMORY_SEED, default_budget_bytes, estimate_task_bytes, tasks_that_fit
+from .memory import GB, MEMORY_SEED, budget_bytes, estimate_task_bytes, tasks_that_fit
 from .models import SUPERNET, build_model, checkpoint_model
 from .search_space import (
     DiscreteNetwork,
@@ -358,7 +358,7 @@ def wilson_ci95(correct: int, n: int) -> tuple[float, float, float]:
 def _memory_bound(model: MetaModel, sampler: TaskSampler, split: Split, device: torch.device | str,
                   budget_gb: float | None, workers: int) -> int | None:
     """Tasks that ``budget_gb`` holds in flight (None: no budget could be found)."""
-    budget = int(budget_gb * GB) if budget_gb is not None else default_budget_bytes(device)
+    budget = budget_bytes(budget_gb, device)
     if budget is None:
         return None
     task = sampler.sample(split, np.random.default_rng(MEMORY_SEED)).to(device)

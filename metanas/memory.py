@@ -29,7 +29,8 @@ records). With ``P`` the bytes of the weights and alphas and ``U`` the inner upd
 
 With ``trainer.recompute_cells`` (``trainer.recompute_edges``) the forward pass keeps only what
 the cells' (edges') checkpoints keep, plus the activations of the largest cell (edge), which
-are rebuilt one at a time in the backward pass. The query pass is measured too and the larger of support and query is used.
+are rebuilt one at a time in the backward pass. The query pass is measured too and the larger
+of support and query is used.
 How wrong it can be: it counts tensors, not the allocator's caching and fragmentation or the
 kernels' scratch space (CPU convolutions unfold their input), nor the Python objects; the
 peak resident set can exceed it by a factor of about 1.5 to 3 (the safety fraction of the
@@ -58,11 +59,11 @@ SAFETY_FRACTION = 0.75
 """Share of the available memory that the default budget takes."""
 
 GB = 1024**3
+"""Bytes per unit of ``trainer.memory_budget_gb`` (GiB)."""
 
 MEMORY_SEED = 3
 """Seed (offset) of the generator that draws the task whose memory is estimated, apart from
 the task streams of training and evaluation (which it leaves unchanged)."""
-"""Bytes per unit of ``trainer.memory_budget_gb`` (GiB)."""
 
 
 def check_budget(value: Any, key: str = "trainer.memory_budget_gb") -> float | None:
@@ -107,6 +108,12 @@ def default_budget_bytes(device: torch.device | str, processes: int = 1) -> int 
     if free is None:
         return None
     return int(SAFETY_FRACTION * free / max(1, processes))
+
+
+def budget_bytes(budget_gb: float | None, device: torch.device | str, processes: int = 1) -> int | None:
+    """The budget in bytes: ``budget_gb`` GiB, or for None :func:`default_budget_bytes` (None
+    when that cannot be read)."""
+    return int(budget_gb * GB) if budget_gb is not None else default_budget_bytes(device, processes)
 
 
 class _SavedBytes:
@@ -237,5 +244,5 @@ def tasks_that_fit(budget_bytes: int, per_task_bytes: int, budget_gb: float | No
     return int(fit)
 
 
-__all__ = ["GB", "MEMORY_SEED", "SAFETY_FRACTION", "TRAIN_FIXES", "available_bytes", "check_budget",
-           "default_budget_bytes", "estimate_task_bytes", "tasks_that_fit"]
+__all__ = ["GB", "MEMORY_SEED", "SAFETY_FRACTION", "TRAIN_FIXES", "available_bytes", "budget_bytes",
+           "check_budget", "default_budget_bytes", "estimate_task_bytes", "tasks_that_fit"]

@@ -55,7 +55,7 @@ from .io import remove_stale_temporaries
 from .logger import RunLogger
 from .models import checkpoint_model, describe, describe_model
 from .engines import TaskPool, default_workers
-from .memory import GB, MEMORY_SEED, check_budget, default_budget_bytes, estimate_task_bytes, tasks_that_fit
+from .memory import GB, MEMORY_SEED, budget_bytes, check_budget, estimate_task_bytes, tasks_that_fit
 from .search_space import OpMask, SearchSpaceConfig, architecture_stats, check_op_mask, full_op_mask, op_weights
 from .shrink import ShrinkConfig, kept_count, removed_weight_names, shrink_check, zero_counts
 
@@ -631,8 +631,7 @@ class MetaTrainer:
         if self._memory_bounded:
             return self.pool.memory_bound
         budget_gb = self.cfg.memory_budget_gb
-        budget = (int(budget_gb * GB) if budget_gb is not None
-                  else default_budget_bytes(self.device, self.dist.local_world_size))
+        budget = budget_bytes(budget_gb, self.device, self.dist.local_world_size)
         if budget is None:
             log.info("memory: no memory budget on %s (trainer.memory_budget_gb=null and the free "
                      "memory cannot be read): up to %d tasks in flight", self.device, self.pool.workers)
