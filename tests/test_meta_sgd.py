@@ -528,13 +528,14 @@ SHORT = ["experiment=smoke", "trainer.meta_steps=4", "trainer.val_every=2", "tra
          "trainer.ckpt_every=2", "trainer.n_test_tasks=4"]
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("algorithm=reptile", "inner.meta_sgd=true needs a meta-gradient"),
-    ("inner=adam", "inner.optimizer='adam'"),
+@pytest.mark.parametrize("overrides,needle", [
+    (["algorithm=reptile", "inner.optimizer_alphas=sgd"], "inner.meta_sgd=true needs a meta-gradient"),
+    (["inner=adam"], "inner.optimizer='adam'"),
+    ([], "inner.optimizer_alphas='adam'"),  # the default inner loop adapts the alphas with Adam
 ])
-def test_cli_refuses_meta_sgd_combinations_with_exit_2(tmp_path, override, needle):
+def test_cli_refuses_meta_sgd_combinations_with_exit_2(tmp_path, overrides, needle):
     run_dir = tmp_path / "run"
-    proc = _cli(*SHORT, "inner.meta_sgd=true", override, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    proc = _cli(*SHORT, "inner.meta_sgd=true", *overrides, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"metanas-train: error: " in proc.stderr and needle in proc.stderr
     assert "Traceback" not in proc.stderr and not (run_dir / "metrics.json").exists()
@@ -543,7 +544,8 @@ def test_cli_refuses_meta_sgd_combinations_with_exit_2(tmp_path, override, needl
 @pytest.mark.slow
 def test_smoke_runs_with_meta_sgd_and_with_the_entropy_regulariser(tmp_path):
     run_dir = tmp_path / "meta_sgd"
-    proc = _cli(*SHORT, "inner.meta_sgd=true", "algorithm=maml", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    proc = _cli(*SHORT, "inner.meta_sgd=true", "inner.optimizer_alphas=sgd", "algorithm=maml",
+                f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["config"]["inner"]["meta_sgd"] is True and 0.0 <= metrics["accuracy"] <= 1.0
