@@ -200,7 +200,7 @@ class InnerLoopConfig:
                 if name != "sgd":
                     raise ConfigError(
                         f"inner.meta_sgd=true learns the rates of the SGD update, but inner.{key}={name!r}; "
-                        f"set inner.{key}=sgd (e.g. inner=sgd) or inner.meta_sgd=false"
+                        f"set inner.{key}=sgd or inner.meta_sgd=false"
                     )
         w = self.entropy_weight
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not np.isfinite(w):

@@ -531,7 +531,8 @@ SHORT = ["experiment=smoke", "trainer.meta_steps=4", "trainer.val_every=2", "tra
 @pytest.mark.parametrize("overrides,needle", [
     (["algorithm=reptile", "inner.optimizer_alphas=sgd"], "inner.meta_sgd=true needs a meta-gradient"),
     (["inner=adam"], "inner.optimizer='adam'"),
-    ([], "inner.optimizer_alphas='adam'"),  # the default inner loop adapts the alphas with Adam
+    # the default inner loop adapts the alphas with Adam: the message names the fix
+    ([], "inner.optimizer_alphas='adam'; set inner.optimizer_alphas=sgd or inner.meta_sgd=false"),
 ])
 def test_cli_refuses_meta_sgd_combinations_with_exit_2(tmp_path, overrides, needle):
     run_dir = tmp_path / "run"
