@@ -1,7 +1,7 @@
 """Cross-domain transfer: what meta-learned architectures and weights buy on a new dataset.
 
 Meta-trains on Omniglot (5-way 1-shot, the default ``metanas-train`` settings: small
-supernet, first-order MAML, 5 inner SGD steps, Adam meta-optimisers) and adapts to a dataset
+supernet, first-order MAML, 5 inner steps, Adam meta-optimisers) and adapts to a dataset
 of drawn shapes it has never seen (``metanas.tasks.synthetic.make_shapes_folder``: 20
 classes, 20 images each, mixed sizes and formats). Compared, with the same inner loop and the
 same sequence of target tasks:
@@ -158,9 +158,11 @@ def main() -> None:
         rows.append(row)
 
     out = Path(args.out)
+    alpha_optimizer = inner.optimizer_alphas or inner.optimizer
     settings = {
         "meta_steps": super_steps, "k_shot": args.k_shot, "n_way": 5, "q_query": 15,
-        "inner": {"steps": inner.steps, "lr_weights": inner.lr_weights, "lr_alphas": inner.lr_alphas},
+        "inner": {"steps": inner.steps, "optimizer": inner.optimizer, "lr_weights": inner.lr_weights,
+                  "optimizer_alphas": alpha_optimizer, "lr_alphas": inner.lr_alphas},
         "algorithm": str(cfg.algorithm._target_), "seed": args.seed, "checkpoint": args.checkpoint,
         "search_space": space.to_dict(), "conv4": conv.cfg.to_dict(), "timings": timings,
         "torch_threads": torch.get_num_threads(),
@@ -171,8 +173,9 @@ def main() -> None:
         "",
         (f"Meta-training: {super_steps} meta-steps of first-order MAML on Omniglot (default "
         f"`metanas-train` settings); supernet {timings['supernet_meta_train_s']:.0f} s, conv-4 "
-        f"{timings['conv4_meta_train_s']:.0f} s. Adaptation: {inner.steps} SGD steps "
-        f"(lr {inner.lr_weights} weights, {inner.lr_alphas} alphas), transductive batch statistics."),
+        f"{timings['conv4_meta_train_s']:.0f} s. Adaptation: {inner.steps} inner steps "
+        f"({inner.optimizer} at {inner.lr_weights} for the weights, {alpha_optimizer} at {inner.lr_alphas} "
+        "for the alphas), transductive batch statistics."),
         "",
         "| model | params | shapes accuracy (%) | Omniglot meta-test accuracy (%) |",
         "| --- | --- | --- | --- |",
