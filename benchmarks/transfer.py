@@ -158,7 +158,7 @@ def main() -> None:
         rows.append(row)
 
     out = Path(args.out)
-    alpha_optimizer = inner.optimizer_alphas or inner.optimizer
+    alpha_optimizer = inner.optimizer_name("alphas")
     settings = {
         "meta_steps": super_steps, "k_shot": args.k_shot, "n_way": 5, "q_query": 15,
         "inner": {"steps": inner.steps, "optimizer": inner.optimizer, "lr_weights": inner.lr_weights,

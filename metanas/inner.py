@@ -195,7 +195,7 @@ class InnerLoopConfig:
         if not isinstance(self.meta_sgd, bool):
             raise ConfigError(f"inner.meta_sgd={self.meta_sgd!r} is not a boolean; set inner.meta_sgd=true or false")
         if self.meta_sgd:
-            names = {"optimizer": self.optimizer, "optimizer_alphas": self.optimizer_alphas or self.optimizer}
+            names = {"optimizer": self.optimizer_name("weights"), "optimizer_alphas": self.optimizer_name("alphas")}
             for key, name in names.items():
                 if name != "sgd":
                     raise ConfigError(
@@ -236,11 +236,15 @@ class InnerLoopConfig:
             out.append(list(torch.from_numpy(perm).split(self.batch_size)))
         return out
 
+    def optimizer_name(self, group: str = "weights") -> str:
+        """The inner optimiser's name for ``group`` ("weights" or "alphas"): the alphas use
+        ``optimizer_alphas`` where it is set, else the weights' ``optimizer``."""
+        return self.optimizer_alphas if group == "alphas" and self.optimizer_alphas else self.optimizer
+
     def inner_optimizer(self, group: str = "weights") -> InnerOptimizer:
         """The registered optimiser of ``group`` ("weights" or "alphas"), built with these
         settings."""
-        name = self.optimizer_alphas if group == "alphas" and self.optimizer_alphas else self.optimizer
-        return INNER_OPTIMIZERS[name](self)
+        return INNER_OPTIMIZERS[self.optimizer_name(group)](self)
 
     def temperature(self, step: int) -> float:
         """Softmax temperature at inner step ``step`` (``steps`` is the read-out)."""
