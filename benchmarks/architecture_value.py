@@ -147,7 +147,7 @@ def run_budget(budget: float, seed: int, args, samplers: dict, rows: list[dict])
         for dataset, sampler in samplers.items():
             res = evaluate(model.net, model.weights, model.alphas, sampler, "test", args.tasks,
                            model.inner, model.space, np.random.default_rng([seed, 7]), pool=pool,
-                           compare_frozen=name == "learned")
+                           compare_frozen=name == "learned", rates=model.rates)
             log.info("%s on %s: %s", name, dataset, res.summary())
             results[name, dataset] = res.accuracies
             if name == "learned":
