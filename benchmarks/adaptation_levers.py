@@ -41,14 +41,11 @@ from pathlib import Path
 
 import numpy as np
 
-from architecture_value import RESULTS, _train
+from architecture_value import RESULTS, _train, points, meta_test_samplers, write_csv
 from metanas.adaptation import load_meta_model
 from metanas.engines import TaskPool, default_workers, share_cores
 from metanas.evaluate import FROZEN, evaluate, mean_ci95
 from metanas.io import atomic_write_text
-from metanas.tasks import OmniglotTasks
-from metanas.tasks.image_folder import ImageFolderTasks
-from metanas.tasks.synthetic import make_shapes_folder
 
 log = logging.getLogger("adaptation_levers")
 LEVERS = {  # lever -> metanas-train overrides on top of the recipe
@@ -80,15 +77,7 @@ def _last_log_row(run: Path) -> dict[str, float]:
     return {k: float(v) for k, v in rows[-1].items() if v not in ("", None)}
 
 
-def _samplers(k_shot: int, shapes_root: Path) -> dict:
-    return {
-        "omniglot": OmniglotTasks(n_way=5, k_shot=k_shot, q_query=15),
-        "shapes": ImageFolderTasks(shapes_root, n_way=5, k_shot=k_shot, q_query=15, image_size=28,
-                                   channels=1, split_fractions=[0, 0, 1]),
-    }
-
-
-def run_lever(name: str, args, shapes_root: Path, accuracies: dict) -> list[dict]:
+def run_lever(name: str, args, accuracies: dict) -> list[dict]:
     """Meta-train (or reuse) one lever's run and meta-test it with and without alpha adaptation."""
     overrides = [*shlex.split(args.recipe), *LEVERS[name]]
     k_shot = _k_shot(overrides)
@@ -105,7 +94,7 @@ def run_lever(name: str, args, shapes_root: Path, accuracies: dict) -> list[dict
     model = load_meta_model(run / "checkpoints" / "last.ckpt")
     pool = TaskPool(model.net, default_workers("cpu"))
     rows = []
-    for dataset, sampler in _samplers(k_shot, shapes_root).items():
+    for dataset, sampler in meta_test_samplers(Path(args.workdir), k_shot).items():
         res = evaluate(model.net, model.weights, model.alphas, sampler, "test", args.tasks, model.inner,
                        model.space, np.random.default_rng([args.seed, 7]), pool=pool, compare_frozen=True,
                        rates=model.rates)
@@ -131,14 +120,7 @@ def run_lever(name: str, args, shapes_root: Path, accuracies: dict) -> list[dict
 def _write(rows: list[dict], out: Path, args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows = sorted(rows, key=lambda r: (r["dataset"], list(LEVERS).index(r["lever"])))
-    with (out / "adaptation_levers.csv.tmp").open("w", newline="") as f:
-        writer = csv.DictWriter(f, FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(out / "adaptation_levers.csv.tmp", out / "adaptation_levers.csv")
-
-    def pts(x, ci) -> str:
-        return "-" if math.isnan(float(x)) else f"{100 * float(x):+.2f} +- {100 * float(ci):.2f}"
+    write_csv(out / "adaptation_levers.csv", rows, FIELDS)
 
     lines = ["# Levers for per-task architecture adaptation", "",
              f"Recipe: `metanas-train {args.recipe or '(defaults)'}` plus each lever's overrides; "
@@ -159,7 +141,7 @@ def _write(rows: list[dict], out: Path, args) -> None:
                 lines.append(
                     f"| {r['lever']} | `{r['overrides'] or '-'}` | {r['k_shot']} | "
                     f"{100 * float(r['accuracy']):.2f} +- {100 * float(r['ci95']):.2f} | "
-                    f"{pts(r['gain'], r['gain_ci95'])} | {pts(r['diff_vs_default'], r['diff_ci95'])} | "
+                    f"{points(r['gain'], r['gain_ci95'])} | {points(r['diff_vs_default'], r['diff_ci95'])} | "
                     f"{r['meta_steps']} | {float(r['entropy_normal']):.2f} / {float(r['entropy_reduce']):.2f} | "
                     f"{float(r['max_weight_normal']):.2f} / {float(r['max_weight_reduce']):.2f} | "
                     f"{float(r['test_displacement']):.2f} |")
@@ -184,9 +166,6 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     share_cores(default_workers("cpu"), "cpu")
 
-    shapes_root = Path(args.workdir) / "shapes"
-    if not shapes_root.is_dir():
-        make_shapes_folder(shapes_root, n_classes=20, n_images=20, seed=0)
     out = Path(args.out)
     kept: list[dict] = []
     if (out / "adaptation_levers.csv").is_file():
@@ -196,7 +175,7 @@ def main() -> None:
     accuracies: dict = {}
     rows: list[dict] = []
     for name in levers:
-        rows += run_lever(name, args, shapes_root, accuracies)
+        rows += run_lever(name, args, accuracies)
         _write(kept + rows, out, args)
 
 

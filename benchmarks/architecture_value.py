@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import logging
 import math
@@ -108,6 +109,34 @@ def _mflops(model, input_shape: tuple[int, ...]) -> float:
 
 def _paired(a: tuple[float, ...], b: tuple[float, ...]) -> tuple[float, float]:
     return mean_ci95([x - y for x, y in zip(a, b)])
+
+
+def points(x: float | str, ci: float | str) -> str:
+    """A paired difference in percentage points with its CI (``-`` when there is none)."""
+    x, ci = float(x), float(ci)
+    return "-" if math.isnan(x) else f"{100 * x:+.2f} +- {100 * ci:.2f}"
+
+
+def write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
+    """Write ``rows`` as a CSV file atomically."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, text.getvalue())
+
+
+def meta_test_samplers(workdir: Path, k_shot: int) -> dict:
+    """The meta-test task distributions: Omniglot's test split and the drawn shapes (made once
+    under ``workdir``), 5-way ``k_shot``-shot with 15 queries per class."""
+    shapes_root = workdir / "shapes"
+    if not shapes_root.is_dir():
+        make_shapes_folder(shapes_root, n_classes=20, n_images=20, seed=0)
+    return {
+        "omniglot": OmniglotTasks(n_way=5, k_shot=k_shot, q_query=15),
+        "shapes": ImageFolderTasks(shapes_root, n_way=5, k_shot=k_shot, q_query=15,
+                                   image_size=28, channels=1, split_fractions=[0, 0, 1]),
+    }
 
 
 def run_budget(budget: float, seed: int, args, samplers: dict, rows: list[dict]) -> None:
@@ -185,15 +214,7 @@ def _read_rows(path: Path) -> list[dict]:
 def _write(rows: list[dict], out: Path, settings: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows = sorted(rows, key=lambda r: (r["dataset"], r["budget_min"], r["seed"], MODELS.index(r["model"])))
-    lines = []
-    with (out / "architecture_value.csv.tmp").open("w", newline="") as f:
-        writer = csv.DictWriter(f, FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(out / "architecture_value.csv.tmp", out / "architecture_value.csv")
-
-    def pct(x: float, ci: float) -> str:
-        return "-" if math.isnan(x) else f"{100 * x:+.2f} +- {100 * ci:.2f}"
+    write_csv(out / "architecture_value.csv", rows, FIELDS)
 
     lines = [f"# What the learned architecture is worth (Omniglot 5-way {settings['k_shot']}-shot)", "",
              f"Recipe: `metanas-train {settings['recipe'] or '(defaults)'}`; every model meta-trained "
@@ -209,7 +230,7 @@ def _write(rows: list[dict], out: Path, settings: dict) -> None:
             if r["dataset"] == dataset:
                 lines.append(f"| {r['budget_min']:g} | {r['seed']} | {r['model']} | "
                              f"{100 * r['accuracy']:.2f} +- {100 * r['ci95']:.2f} | "
-                             f"{pct(r['diff_vs_learned'], r['diff_ci95'])} | {r['meta_steps']} | "
+                             f"{points(r['diff_vs_learned'], r['diff_ci95'])} | {r['meta_steps']} | "
                              f"{r['parameters']:,} | {r['mflops_per_image']:.2f} |")
         lines.append("")
     atomic_write_text(out / "architecture_value.md", "\n".join(lines))
@@ -261,14 +282,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     share_cores(default_workers("cpu"), "cpu")  # one intra-op thread per task thread
 
-    shapes_root = Path(args.workdir) / "shapes"
-    if not shapes_root.is_dir():
-        make_shapes_folder(shapes_root, n_classes=20, n_images=20, seed=0)
-    samplers = {
-        "omniglot": OmniglotTasks(n_way=5, k_shot=args.k_shot, q_query=15),
-        "shapes": ImageFolderTasks(shapes_root, n_way=5, k_shot=args.k_shot, q_query=15,
-                                   image_size=28, channels=1, split_fractions=[0, 0, 1]),
-    }
+    samplers = meta_test_samplers(Path(args.workdir), args.k_shot)
     out = Path(args.out)
     keep = [r for r in _read_rows(out / "architecture_value.csv")
             if (r["budget_min"], r["seed"]) not in {(b, s) for b in args.budgets for s in args.seeds}]
