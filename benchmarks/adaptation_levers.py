@@ -12,7 +12,8 @@ run is tested on the tasks of that script's ``learned`` run of the same seed and
 Levers (``LEVERS``): ``default`` (the recipe alone), ``maml`` (second-order MAML: the only
 outer loop whose meta-gradient rewards meta-alphas for what their adaptation does),
 ``meta_sgd`` (Meta-SGD rates learned for every weight and alpha, SGD inner steps on both,
-the alphas' starting at 1.0),
+the alphas' starting at 1.0), ``maml_meta_sgd`` (the two together, as Li et al. meta-learn
+the rates: second order),
 ``five_shot`` (5-way 5-shot tasks in training and test: more support signal for the alpha
 steps), ``inner_anneal`` (temperature 1.0 -> 0.2 over the inner steps: each task's adapted
 alphas read out near-discrete), ``alpha_lr_high`` (Adam inner alpha steps at 0.3 instead of
@@ -55,6 +56,9 @@ LEVERS = {  # lever -> metanas-train overrides on top of the recipe
     # learning rate of 5e-3 (1e-3 by default) lets them change within a 10-minute run
     "meta_sgd": ["inner.meta_sgd=true", "inner.optimizer_alphas=sgd", "inner.lr_alphas=1.0",
                  "optim.rates.lr=0.005"],
+    # both at once: the second-order meta-gradient of Meta-SGD's own paper (Li et al. 2017)
+    "maml_meta_sgd": ["algorithm=maml", "inner.meta_sgd=true", "inner.optimizer_alphas=sgd",
+                      "inner.lr_alphas=1.0", "optim.rates.lr=0.005"],
     "five_shot": ["task.k_shot=5"],
     "inner_anneal": ["inner.temperature_end=0.2", "inner.temperature_schedule=linear"],
     "alpha_lr_high": ["inner.lr_alphas=0.3"],
