@@ -8,8 +8,10 @@ For every wall-time budget and seed, ``metanas-train`` meta-trains on Omniglot (
   task, and again on the very same tasks with the alphas frozen at the meta-alphas
   (``frozen``, weights still adapted);
 * ``uniform``: the same supernet and recipe with the alphas never learned (inner and meta
-  learning rates of the alphas 0; they stay at their ``1e-3 * randn`` initialisation, so every
-  op weight is uniform to within about 0.1 %): weight sharing alone;
+  learning rates of the alphas 0, and the alpha warm-up lasting the whole run, so that under
+  Meta-SGD their learned inner rates also rest at 0 and no alpha gradient is computed; they
+  stay at their ``1e-3 * randn`` initialisation, so every op weight is uniform to within about
+  0.1 %): weight sharing alone;
 * ``conv4``: conv-4 with as many weights as the supernet (``model=conv4
   model.match_parameters=supernet``), meta-trained the same way;
 * ``genotype``: the discrete network of the ``learned`` run's meta-genotype, meta-trained
@@ -151,6 +153,8 @@ def run_budget(budget: float, seed: int, args, samplers: dict, rows: list[dict])
             continue
         if name == "genotype":
             extra = [*extra, f"model.path={base / 'learned' / 'genotype.json'}"]
+        if name == "uniform":  # Meta-SGD would meta-learn the alphas' inner rates away from 0
+            extra = [*extra, f"trainer.alpha_warmup_steps={args.max_steps}"]
         done = base / name / "metrics.json"
         if args.reuse and done.is_file():  # a finished run of an earlier call: meta-test it again
             metrics[name] = json.loads(done.read_text())

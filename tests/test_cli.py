@@ -52,6 +52,16 @@ def test_algorithms_bring_their_meta_optimiser():
     assert _compose(["algorithm=maml", "optim=sgd"]).optim.weights._target_ == "torch.optim.SGD"
 
 
+def test_default_inner_loop_is_meta_sgd_and_reptile_brings_fixed_rates():
+    default = _compose([]).inner
+    assert (default.meta_sgd, default.optimizer, default.optimizer_alphas, default.lr_alphas) == (True, "sgd", "sgd", 1.0)
+    assert _compose([]).optim.rates.lr == 5e-3
+    reptile = _compose(["algorithm=reptile"]).inner
+    assert reptile.meta_sgd is False and reptile.optimizer_alphas == "adam"
+    assert _compose(["algorithm=reptile", "inner=adam"]).inner.optimizer == "adam"
+    assert _compose(["inner=sgd"]).inner.meta_sgd is False
+
+
 def run_cli(*args, cwd):
     # one intra-op thread: several OpenMP threads per kernel are many times slower on a shared machine
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}

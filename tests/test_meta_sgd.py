@@ -531,8 +531,10 @@ SHORT = ["experiment=smoke", "trainer.meta_steps=4", "trainer.val_every=2", "tra
 @pytest.mark.parametrize("overrides,needle", [
     (["algorithm=reptile", "inner.optimizer_alphas=sgd"], "inner.meta_sgd=true needs a meta-gradient"),
     (["inner=adam"], "inner.optimizer='adam'"),
-    # the default inner loop adapts the alphas with Adam: the message names the fix
-    ([], "inner.optimizer_alphas='adam'; set inner.optimizer_alphas=sgd or inner.meta_sgd=false"),
+    # inner=sgd adapts the alphas with Adam: the message names the fix
+    (["inner=sgd"], "inner.optimizer_alphas='adam'; set inner.optimizer_alphas=sgd or inner.meta_sgd=false"),
+    # Reptile brings inner=sgd; asking for Meta-SGD's preset with it is refused, not ignored
+    (["algorithm=reptile", "inner=meta_sgd"], "inner.meta_sgd=true needs a meta-gradient"),
 ])
 def test_cli_refuses_meta_sgd_combinations_with_exit_2(tmp_path, overrides, needle):
     run_dir = tmp_path / "run"
