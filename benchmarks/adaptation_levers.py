@@ -3,7 +3,8 @@
 The architecture adaptation gain is the paired per-task accuracy difference between adapting
 a new task's weights *and* alphas and adapting its weights alone with the alphas frozen at the
 meta-alphas. For every lever (``metanas-train`` overrides added to ``--recipe``; default:
-``metanas-train``'s defaults), one run meta-trains on Omniglot for ``--budget`` minutes of wall
+``inner=sgd``, fixed inner rates and Adam alpha steps: ``metanas-train``'s defaults when the
+committed results were measured, before the ``meta_sgd`` lever became the default), one run meta-trains on Omniglot for ``--budget`` minutes of wall
 time (``trainer.time_budget_min``), and its meta-model is meta-tested on ``--tasks`` Omniglot
 test tasks and as many drawn-shapes tasks (never seen in meta-training), each task adapted both
 ways. The tasks are drawn exactly as in ``architecture_value.py`` (same task seed), so a lever's
@@ -160,7 +161,9 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=10.0, help="meta-training minutes per lever")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tasks", type=int, default=100, help="meta-test tasks per dataset")
-    parser.add_argument("--recipe", default="", help="metanas-train overrides shared by every lever")
+    parser.add_argument("--recipe", default="inner=sgd",
+                        help="metanas-train overrides shared by every lever (default: the recipe the "
+                             "committed results were measured with, inner=sgd)")
     parser.add_argument("--workdir", default="outputs/adaptation_levers")
     parser.add_argument("--reuse", action="store_true",
                         help="meta-test the finished runs already in --workdir instead of retraining them")
