@@ -4,8 +4,9 @@ The architecture adaptation gain is the paired per-task accuracy difference betw
 a new task's weights *and* alphas and adapting its weights alone with the alphas frozen at the
 meta-alphas. For every lever (``metanas-train`` overrides added to ``--recipe``; default:
 ``inner=sgd``, fixed inner rates and Adam alpha steps: ``metanas-train``'s defaults when the
-committed results were measured, before the ``meta_sgd`` lever became the default), one run meta-trains on Omniglot for ``--budget`` minutes of wall
-time (``trainer.time_budget_min``), and its meta-model is meta-tested on ``--tasks`` Omniglot
+committed results were measured, before the ``meta_sgd`` lever became the default), one run
+meta-trains on Omniglot for ``--budget`` minutes of wall time (``trainer.time_budget_min``),
+and its meta-model is meta-tested on ``--tasks`` Omniglot
 test tasks and as many drawn-shapes tasks (never seen in meta-training), each task adapted both
 ways. The tasks are drawn exactly as in ``architecture_value.py`` (same task seed), so a lever's
 run is tested on the tasks of that script's ``learned`` run of the same seed and shot.
