@@ -43,7 +43,8 @@ from metanas.tasks.core import check_int
 
 from . import rundir
 from .io import resolve_device
-from .distributed import DEFAULT_TIMEOUT_S, DistContext, DistributedError, init_distributed
+from .distributed import (DEFAULT_TIMEOUT_S, DistContext, DistributedError, exit_after_failed_collective,
+                          init_distributed)
 from .errors import ConfigError, MetaNASError
 from .hydra_utils import build, in_multirun, output_dir, run_console
 from .logger import RunLogger
@@ -238,7 +239,9 @@ def train_app(cfg: DictConfig) -> float:
         if in_multirun():
             return math.nan
         print(f"metanas-train: error: {exc}", file=sys.stderr)
-        sys.exit(2 if isinstance(exc, MetaNASError) else 1)
+        if isinstance(exc, DistributedError):  # a broken group's teardown could abort instead
+            exit_after_failed_collective(1)
+        sys.exit(2)
     except Exception:
         if not in_multirun():
             raise

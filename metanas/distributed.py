@@ -147,6 +147,21 @@ class DistContext:
             torch_dist.destroy_process_group()
 
 
+def exit_after_failed_collective(code: int) -> None:
+    """End this process now with exit status ``code``, after a failed collective.
+
+    The broken group is still alive in the C++ runtime; tearing it down at interpreter exit
+    can abort the process (SIGABRT, status -6) instead of exiting with ``code``. Streams and
+    logging handlers are flushed first, then the process exits without that teardown.
+    """
+    import sys
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     if value in (None, ""):
@@ -210,4 +225,5 @@ def init_distributed(
     return ctx
 
 
-__all__ = ["DEFAULT_TIMEOUT_S", "DistContext", "DistributedError", "init_distributed"]
+__all__ = ["DEFAULT_TIMEOUT_S", "DistContext", "DistributedError", "exit_after_failed_collective",
+           "init_distributed"]

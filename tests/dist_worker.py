@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import make_task, tiny_space
 
 from metanas.algorithms import FOMAML
-from metanas.distributed import DistributedError, init_distributed
+from metanas.distributed import DistributedError, exit_after_failed_collective, init_distributed
 from metanas.inner import InnerLoopConfig
 from metanas.search_space import SearchNetwork, init_alphas
 from metanas.trainer import MetaTrainer, TrainerConfig
@@ -71,7 +71,8 @@ def main() -> int:
         trainer.fit()
     except DistributedError as exc:
         print(f"dist_worker: error: {exc}", file=sys.stderr)
-        return 1
+        trainer.close()
+        exit_after_failed_collective(1)  # as metanas-train does
     finally:
         trainer.close()
         dist.close()
