@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -154,8 +155,6 @@ def exit_after_failed_collective(code: int) -> None:
     can abort the process (SIGABRT, status -6) instead of exiting with ``code``. Streams and
     logging handlers are flushed first, then the process exits without that teardown.
     """
-    import sys
-
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()

@@ -139,3 +139,19 @@ def test_cli_under_torchrun_writes_once_and_reports(tmp_path):
     assert json.loads((run_dir / "status.json").read_text())["status"] == "ok"
     assert (run_dir / "train_log.csv").read_text().count("\n") == 3
     assert (run_dir / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_ends_a_failed_collective_with_exit_1_and_its_message(tmp_path):
+    # the failure is planted in train(); the exit goes through metanas-train's own error path
+    code = ("import sys, metanas.cli as cli\n"
+            "from metanas.distributed import DistributedError\n"
+            "def broken(cfg):\n"
+            "    raise DistributedError('rank 0/2: all_reduce failed (planted)')\n"
+            "cli.train = broken\n"
+            f"sys.argv = ['metanas-train', 'experiment=smoke', 'hydra.run.dir={tmp_path / 'run'}']\n"
+            "cli.train_entry()\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "metanas-train: error: rank 0/2: all_reduce failed (planted)" in proc.stderr
+    assert "Traceback" not in proc.stderr
