@@ -81,6 +81,9 @@ def test_optuna_preset_composes_to_a_maximising_search():
     assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN" and sweeper.n_trials >= 2
     assert set(sweeper.params) >= {"inner.lr_weights", "optim.weights.lr", "search_space.channels"}
+    # the alphas' inner rate is searched around the default inner loop's own (Meta-SGD, 1.0)
+    lo, hi = (float(v) for v in str(sweeper.params["inner.lr_alphas"]).split("interval(")[1].rstrip("))").split(","))
+    assert lo < cfg.inner.lr_alphas < hi
 
 
 @pytest.mark.slow
