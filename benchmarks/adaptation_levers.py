@@ -3,8 +3,9 @@
 The architecture adaptation gain is the paired per-task accuracy difference between adapting
 a new task's weights *and* alphas and adapting its weights alone with the alphas frozen at the
 meta-alphas. For every lever (``metanas-train`` overrides added to ``--recipe``; default:
-``inner=sgd``, fixed inner rates and Adam alpha steps: ``metanas-train``'s defaults when the
-committed results were measured, before the ``meta_sgd`` lever became the default), one run
+``inner=sgd optim.alphas.lr=0.05``, fixed inner rates, Adam alpha steps and the alphas' meta
+learning rate of then: ``metanas-train``'s defaults when the committed results were measured,
+before the ``meta_sgd`` lever and an alpha meta learning rate of 0.2 became the default), one run
 meta-trains on Omniglot for ``--budget`` minutes of wall time (``trainer.time_budget_min``),
 and its meta-model is meta-tested on ``--tasks`` Omniglot
 test tasks and as many drawn-shapes tasks (never seen in meta-training), each task adapted both
@@ -162,9 +163,9 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=10.0, help="meta-training minutes per lever")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tasks", type=int, default=100, help="meta-test tasks per dataset")
-    parser.add_argument("--recipe", default="inner=sgd",
+    parser.add_argument("--recipe", default="inner=sgd optim.alphas.lr=0.05",
                         help="metanas-train overrides shared by every lever (default: the recipe the "
-                             "committed results were measured with, inner=sgd)")
+                             "committed results were measured with, inner=sgd optim.alphas.lr=0.05)")
     parser.add_argument("--workdir", default="outputs/adaptation_levers")
     parser.add_argument("--reuse", action="store_true",
                         help="meta-test the finished runs already in --workdir instead of retraining them")
