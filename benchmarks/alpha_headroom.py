@@ -141,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     if not model.alphas:
         raise SystemExit(f"{path} has no alphas (a conv-4 or genotype network): nothing to adapt")
     rates = model.rates
+    try:  # recorded relative to the working directory where it lies under it (no machine's paths)
+        shown = str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        shown = str(path)
     pool = TaskPool(model.net, default_workers("cpu"))
 
     def variants(replica, task, adapted, genotype):
@@ -211,13 +215,13 @@ def main(argv: list[str] | None = None) -> int:
                      loss, ld, ldci)
             rows.append({"dataset": dataset, "variant": name, "reference": "frozen", "accuracy": acc, "ci95": ci,
                          "loss": loss, "diff": d, "diff_ci95": dci, "loss_diff": ld, "loss_diff_ci95": ldci,
-                         "n_tasks": res.n_tasks, "k_shot": args.k_shot, "checkpoint": str(path)})
+                         "n_tasks": res.n_tasks, "k_shot": args.k_shot, "checkpoint": shown})
             for ref in refs:
                 d, dci = mean_ci95([x - y for x, y in zip(res.extras[f"{name}/acc"], res.extras[f"{ref}/acc"])])
                 ld, ldci = mean_ci95([x - y for x, y in zip(res.extras[f"{name}/loss"], res.extras[f"{ref}/loss"])])
                 rows.append({"dataset": dataset, "variant": name, "reference": ref, "accuracy": acc, "ci95": ci,
                              "loss": loss, "diff": d, "diff_ci95": dci, "loss_diff": ld, "loss_diff_ci95": ldci,
-                             "n_tasks": res.n_tasks, "k_shot": args.k_shot, "checkpoint": str(path)})
+                             "n_tasks": res.n_tasks, "k_shot": args.k_shot, "checkpoint": shown})
     pool.close()
     _write(rows, Path(args.out), args, path)
     return 0
