@@ -19,7 +19,7 @@ There is one inner loop. The only thing that varies is how a gradient is taken: 
 outer algorithms use the same two objects for their own gradients, so each algorithm's
 per-task contribution is written once for every engine (:mod:`metanas.algorithms`).
 
-Two options, both off by default:
+Three options, all off by default:
 
 - Meta-SGD (Li et al. 2017, "Meta-SGD: Learning to Learn Quickly for Few-Shot Learning"):
   ``meta_sgd=True`` replaces the scalar inner learning rates of the SGD update by
@@ -29,6 +29,9 @@ Two options, both off by default:
 - An entropy regulariser on the alphas (:func:`alpha_entropy`): ``entropy_weight * H`` with
   ``H`` the mean over edges of the entropy of ``softmax(alphas / T)``, added to the support
   objective of every inner step, to the query objective of the outer loop, or both.
+- An alpha refinement after the inner steps (``alpha_refine_steps``): alpha-only Adam steps on
+  the support set, each image shifted by a few pixels afresh at every step
+  (``alpha_refine_shift``), the weights held at their adapted values.
 """
 
 from __future__ import annotations
@@ -141,6 +144,20 @@ class InnerLoopConfig:
             shapes the alphas' adaptation) or "both". Reptile has no query objective.
         entropy_temperature: ``T``; None uses the temperature the network runs at there
             (the step's for the support objective, the read-out one for the query objective).
+        alpha_refine_steps: alpha-only steps after the ``steps`` updates (0: none): the
+            weights stay at their adapted values and the alphas take this many Adam steps
+            (``betas``, ``eps``; fresh moments) on the support cross-entropy at the read-out
+            temperature. Runs only where the alphas are adapted, so the frozen-alpha
+            comparison of a meta-test leaves it out.
+        alpha_refine_lr: Adam learning rate of those steps.
+        alpha_refine_shift: at each refinement step every support image is moved by its own
+            whole-pixel shift of at most this many pixels in each direction (circularly,
+            ``torch.roll``); 0 keeps the images as they are. Once the weights fit the
+            support, its cross-entropy leaves the alphas little to learn from; shifted copies
+            act as images the weights were not fitted to. The shifts of step ``r`` are
+            ``numpy.random.default_rng([shuffle_seed, 1, r]).integers(-s, s + 1, (n_support, 2))``
+            (rows: dy, dx), the same in every engine. ``benchmarks/alpha_headroom.py``
+            measured this setting on the bundled model.
     """
 
     steps: int = 5
@@ -159,6 +176,9 @@ class InnerLoopConfig:
     entropy_weight: float = 0.0
     entropy_objective: str = "query"
     entropy_temperature: float | None = None
+    alpha_refine_steps: int = 0
+    alpha_refine_lr: float = 0.1
+    alpha_refine_shift: int = 0
 
     def __post_init__(self) -> None:
         check_int("inner.steps", self.steps, 0, fix="set inner.steps to a whole number of steps >= 0")
@@ -189,6 +209,13 @@ class InnerLoopConfig:
         # validates the temperatures and the schedule name
         self.temperature(0)
         self._check_options()
+        check_int("inner.alpha_refine_steps", self.alpha_refine_steps, 0,
+                  fix="set inner.alpha_refine_steps to a whole number of steps >= 0 (0: no refinement)")
+        check_int("inner.alpha_refine_shift", self.alpha_refine_shift, 0,
+                  fix="set inner.alpha_refine_shift to a whole number of pixels >= 0 (0: no shift)")
+        lr = self.alpha_refine_lr
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not np.isfinite(lr) or lr < 0:
+            raise ConfigError(f"inner.alpha_refine_lr={lr!r} must be a finite number >= 0; set it to e.g. 0.1")
 
     def _check_options(self) -> None:
         """Meta-SGD and the entropy regulariser: types, values and combinations."""
@@ -246,6 +273,11 @@ class InnerLoopConfig:
         settings."""
         return INNER_OPTIMIZERS[self.optimizer_name(group)](self)
 
+    def refine_shifts(self, step: int, n_support: int) -> np.ndarray:
+        """The ``(n_support, 2)`` whole-pixel shifts (dy, dx) of refinement step ``step``."""
+        s = self.alpha_refine_shift
+        return np.random.default_rng([self.shuffle_seed, 1, step]).integers(-s, s + 1, (n_support, 2))
+
     def temperature(self, step: int) -> float:
         """Softmax temperature at inner step ``step`` (``steps`` is the read-out)."""
         return anneal_temperature(step, self.steps + 1, self.temperature_start,
@@ -288,16 +320,18 @@ class AutogradGrads:
         return detached(weights, requires_grad=True), detached(alphas, requires_grad=adapt_alphas)
 
     def loss_grads(self, loss_fn, w: Params, a: Params, names_a: list[str],
-                   create_graph: bool = False) -> tuple[Params, Params, Any]:
+                   create_graph: bool = False, weights: bool = True) -> tuple[Params, Params, Any]:
         """``loss_fn(w, a) -> (loss, aux)``; returns ``(d loss/d w, d loss/d a[names_a], aux)``.
 
-        Tensors the loss does not depend on get zero gradients.
+        Tensors the loss does not depend on get zero gradients. ``weights=False`` takes the
+        alphas' gradient alone (the first dictionary is then empty).
         """
         loss, aux = loss_fn(w, a)
-        targets = list(w.values()) + [a[n] for n in names_a]
+        names_w = list(w) if weights else []
+        targets = [w[n] for n in names_w] + [a[n] for n in names_a]
         grads = torch.autograd.grad(loss, targets, create_graph=create_graph, allow_unused=True)
         grads = [torch.zeros_like(t) if g is None else g for t, g in zip(targets, grads)]
-        return dict(zip(w, grads)), dict(zip(names_a, grads[len(w):])), aux
+        return dict(zip(names_w, grads)), dict(zip(names_a, grads[len(names_w):])), aux
 
     def loss_grads_rates(self, loss_fn, w: Params, a: Params, names_a: list[str],
                          rates: LearnedRates) -> tuple[Params, Params, LearnedRates, Any]:
@@ -327,7 +361,10 @@ class FuncGrads:
     def start(self, weights, alphas, create_graph, adapt_alphas):
         return dict(weights), dict(alphas)
 
-    def loss_grads(self, loss_fn, w, a, names_a, create_graph=False):
+    def loss_grads(self, loss_fn, w, a, names_a, create_graph=False, weights=True):
+        if not weights:
+            g_a, aux = grad(loss_fn, argnums=1, has_aux=True)(w, a)
+            return {}, g_a, aux
         if names_a:  # the inner loop adapts all alphas or none
             (g_w, g_a), aux = grad(loss_fn, argnums=(0, 1), has_aux=True)(w, a)
             return g_w, g_a, aux
@@ -389,7 +426,8 @@ def adapt(
 
     The support objective of each step is the cross-entropy, plus
     ``cfg.entropy_penalty(a, temperature(step))`` when ``cfg.entropy_on("support")`` and the
-    alphas are adapted.
+    alphas are adapted. Then, when the alphas are adapted, ``cfg.alpha_refine_steps``
+    alpha-only Adam steps on the (shifted) support set (:class:`InnerLoopConfig`).
 
     Returns:
         The adapted weights and alphas. With :data:`AUTOGRAD` and no ``create_graph`` they
@@ -438,10 +476,41 @@ def adapt(
                         step = g[n].detach()
                         total[n] = step if n not in total else total[n] + step
             update += 1
+    if names_a and cfg.alpha_refine_steps:
+        a = _refine_alphas(net, w, a, names_a, support_x, support_y, cfg, buffers, grads, create_graph)
     if sums is not None:  # tensors never updated (no steps) have summed nothing
         sums = LearnedRates({n: sums.weights.get(n, torch.zeros_like(w[n])).detach() for n in names_w},
                             {n: sums.alphas.get(n, torch.zeros_like(a[n])).detach() for n in names_a})
     return Adapted(w, a, cfg.temperature(cfg.steps), tuple(losses), sums)
+
+
+def shift_images(x: Tensor, shifts: np.ndarray) -> Tensor:
+    """Image ``i`` of ``x`` (N, C, H, W) rolled by ``shifts[i] = (dy, dx)`` whole pixels."""
+    return torch.stack([torch.roll(x[i], (int(dy), int(dx)), dims=(-2, -1)) for i, (dy, dx) in enumerate(shifts)])
+
+
+def _refine_alphas(net: nn.Module, w: Params, a: Params, names_a: list[str], support_x: Tensor,
+                   support_y: Tensor, cfg: InnerLoopConfig, buffers, grads: Grads, create_graph: bool) -> Params:
+    """``cfg.alpha_refine_steps`` Adam steps on the alphas alone, the weights ``w`` held."""
+    opt = INNER_OPTIMIZERS["adam"](cfg)
+    temperature = cfg.temperature(cfg.steps)
+    a = dict(a)
+    lrs = [cfg.alpha_refine_lr] * len(names_a)
+    state = None
+    for step in range(cfg.alpha_refine_steps):
+        x = support_x if not cfg.alpha_refine_shift else shift_images(support_x, cfg.refine_shifts(step, len(support_y)))
+
+        def loss_fn(w_: Params, a_: Params, x=x):
+            loss = F.cross_entropy(forward(net, w_, a_, x, temperature, buffers), support_y)
+            return loss, loss.detach()
+
+        _, g_a, _ = grads.loss_grads(loss_fn, w, a, names_a, create_graph, weights=False)
+        current = [a[n] for n in names_a]
+        state = opt.init(current) if state is None else state
+        with grads.step_context(create_graph):
+            new, state = opt.update(current, [g_a[n] for n in names_a], lrs, state, step)
+        a.update(zip(names_a, grads.after_step(new, create_graph)))
+    return a
 
 
 def alpha_displacement(adapted: Mapping[str, Tensor], alphas: Mapping[str, Tensor]) -> Tensor:

@@ -25,7 +25,8 @@ records). With ``P`` the bytes of the weights and alphas and ``U`` the inner upd
   the task's meta-gradient term;
 - second order (MAML): ``U (F + G + 3 P) + 2 F + 8 P``: every update's graph and its
   backward's graph stay alive until the meta-gradient is taken, with each step's weights
-  and optimiser moments.
+  and optimiser moments. The alpha refinement's ``R`` steps (``inner.alpha_refine_steps``) on
+  the whole support set count as ``R * support / batch`` more updates.
 
 With ``trainer.recompute_cells`` (``trainer.recompute_edges``) the forward pass keeps only what
 the cells' (edges') checkpoints keep, plus the activations of the largest cell (edge), which
@@ -217,7 +218,9 @@ def estimate_task_bytes(
     params = sum(t.numel() * t.element_size() for t in (*weights.values(), *alphas.values()))
     f_max = max(f_support, f_query)
     if second_order:
-        return updates * (f_support + g_support + 3 * params) + 2 * f_max + 8 * params
+        # the alpha refinement's steps (inner.alpha_refine_steps) each take the whole support set
+        refine = inner.alpha_refine_steps * n_support / batch
+        return int((updates + refine) * (f_support + g_support + 3 * params)) + 2 * f_max + 8 * params
     return 2 * f_max + 8 * params
 
 

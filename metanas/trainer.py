@@ -306,6 +306,11 @@ class MetaTrainer:
                 f"inner.entropy_weight={inner.entropy_weight} regularises the alphas, but "
                 f"{type(net).__name__} has none; set inner.entropy_weight=0"
             )
+        if inner.alpha_refine_steps and not self.alphas:
+            raise ConfigError(
+                f"inner.alpha_refine_steps={inner.alpha_refine_steps} refines the alphas, but "
+                f"{type(net).__name__} has none; set inner.alpha_refine_steps=0"
+            )
         self.algorithm = algorithm
         self.inner = inner
         self.eval_inner = (

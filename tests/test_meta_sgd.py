@@ -514,6 +514,8 @@ def test_trainer_refuses_bad_combinations(tmp_path):
     conv = Conv4(Conv4Config(in_channels=1, n_classes=3, channels=4))
     with pytest.raises(ConfigError, match="inner.entropy_weight=0.1 .*Conv4 has none"):
         make_trainer(tmp_path / "c", inner=InnerLoopConfig(entropy_weight=0.1), rates_lr=None, net=conv, alphas={})
+    with pytest.raises(ConfigError, match="inner.alpha_refine_steps=3 refines the alphas, but Conv4 has none"):
+        make_trainer(tmp_path / "e", inner=InnerLoopConfig(alpha_refine_steps=3), rates_lr=None, net=conv, alphas={})
     make_trainer(tmp_path / "d", net=conv, alphas={}).meta_step()  # Meta-SGD on weights alone is fine
 
 
