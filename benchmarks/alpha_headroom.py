@@ -38,6 +38,10 @@ scored on the held-out half only (transductive over it), on the same tasks:
     with every image shifted by up to 2 pixels afresh at each step: after the weights fit the support, its cross-entropy
     leaves the alphas little gradient; shifted copies act as held-out data, as DARTS takes its
     alpha gradient on data the weights were not fitted to. Uses no query label.
+``augmented_weights_lr<r>``
+    the same shifted-support steps on the *weights only*, alphas frozen, at the weights' rates
+    (``--refine-lr-weights``): the same extra test-time work spent on the weights instead, the
+    control a claim for ``augmented_alphas`` needs. Uses no query label.
 ``transductive_alphas``
     ``frozen``, then as many alpha-only steps on the support cross-entropy plus the mean entropy
     of the held-out queries' predictions (transductive entropy minimisation, as in Dhillon et
@@ -63,18 +67,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from architecture_value import RESULTS, meta_test_samplers, write_csv
-from metanas.adaptation import load_meta_model
+from architecture_value import RESULTS, load_supernet, meta_test_samplers, write_csv
 from metanas.engines import TaskPool, default_workers
 from metanas.evaluate import evaluate, mean_ci95
 from metanas.functional import forward
 from metanas.inner import Adapted, LearnedRates, adapt
 from metanas.io import atomic_write_text
-from metanas.pretrained import default_checkpoint
 
 log = logging.getLogger("alpha_headroom")
 VARIANTS = ("adapted", "alphas_x", "oracle_alphas", "oracle_weights", "support_alphas", "augmented_alphas",
-            "transductive_alphas")
+            "transductive_alphas", "augmented_weights")
 FIELDS = ["dataset", "variant", "reference", "accuracy", "ci95", "loss", "diff", "diff_ci95", "loss_diff",
           "loss_diff_ci95", "n_tasks", "k_shot", "checkpoint"]
 
@@ -136,15 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
-    path = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
-    model = load_meta_model(path)
-    if not model.alphas:
-        raise SystemExit(f"{path} has no alphas (a conv-4 or genotype network): nothing to adapt")
+    model, shown = load_supernet(args.checkpoint, "adapt")
     rates = model.rates
-    try:  # recorded relative to the working directory where it lies under it (no machine's paths)
-        shown = str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        shown = str(path)
     pool = TaskPool(model.net, default_workers("cpu"))
 
     def variants(replica, task, adapted, genotype):
@@ -184,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                                                             ("augmented_alphas", augmented),
                                                             ("transductive_alphas", transductive))
                  if name in args.variants]
+        jobs += [(f"augmented_weights_lr{r:g}", augmented, "weights", r) for r in args.refine_lr_weights
+                 if "augmented_weights" in args.variants]
         with torch.enable_grad():
             for name, objective, group, rate in jobs:
                 models[name] = refine(replica, frozen, objective, group, steps, rate)
@@ -223,15 +220,15 @@ def main(argv: list[str] | None = None) -> int:
                              "loss": loss, "diff": d, "diff_ci95": dci, "loss_diff": ld, "loss_diff_ci95": ldci,
                              "n_tasks": res.n_tasks, "k_shot": args.k_shot, "checkpoint": shown})
     pool.close()
-    _write(rows, Path(args.out), args, path)
+    _write(rows, Path(args.out), args, shown)
     return 0
 
 
-def _write(rows: list[dict], out: Path, args, path: Path) -> None:
+def _write(rows: list[dict], out: Path, args, shown: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "alpha_headroom.csv", rows, FIELDS)
     lines = ["# Headroom of per-task architecture adaptation", "",
-             f"Model: `{path.name}` ({args.k_shot}-shot tasks, {args.tasks} test tasks per dataset, task seed "
+             f"Model: `{Path(shown).name}` ({args.k_shot}-shot tasks, {args.tasks} test tasks per dataset, task seed "
              f"{args.seed}). Each task's query set is split per class: {args.fit_per_class} queries per class "
              "to fit the oracles, the rest held out; every figure is on the held-out queries. `diff`: the "
              "variant minus the reference, paired over the same tasks, 95 % CI. Oracles: "

@@ -119,6 +119,23 @@ def points(x: float | str, ci: float | str) -> str:
     return "-" if math.isnan(x) else f"{100 * x:+.2f} +- {100 * ci:.2f}"
 
 
+def load_supernet(checkpoint: str | None, what: str):
+    """The meta-model of ``checkpoint`` (None: the bundled one) and its path as results record
+    it: relative to the working directory where it lies under it, so no machine's paths are
+    committed. Exits with a message when the network has no alphas (nothing to ``what``)."""
+    from metanas.pretrained import default_checkpoint
+
+    path = Path(checkpoint) if checkpoint else default_checkpoint()
+    model = load_meta_model(path)
+    if not model.alphas:
+        raise SystemExit(f"{path} has no alphas (a conv-4 or genotype network): nothing to {what}")
+    try:
+        shown = str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        shown = str(path)
+    return model, shown
+
+
 def write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
     """Write ``rows`` as a CSV file atomically."""
     text = io.StringIO()
