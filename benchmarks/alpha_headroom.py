@@ -71,7 +71,7 @@ from architecture_value import RESULTS, load_supernet, meta_test_samplers, write
 from metanas.engines import TaskPool, default_workers
 from metanas.evaluate import evaluate, mean_ci95
 from metanas.functional import forward
-from metanas.inner import Adapted, LearnedRates, adapt
+from metanas.inner import Adapted, LearnedRates, adapt, shift_images
 from metanas.io import atomic_write_text
 
 log = logging.getLogger("alpha_headroom")
@@ -113,7 +113,7 @@ def shifted(x: torch.Tensor, seed: int, max_shift: int = 2) -> torch.Tensor:
     """Every image moved by its own random whole-pixel shift of at most ``max_shift`` (seeded)."""
     gen = torch.Generator().manual_seed(seed)
     shifts = torch.randint(-max_shift, max_shift + 1, (x.shape[0], 2), generator=gen)
-    return torch.stack([torch.roll(img, (int(dy), int(dx)), dims=(-2, -1)) for img, (dy, dx) in zip(x, shifts)])
+    return shift_images(x, shifts.numpy())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -156,8 +156,8 @@ class InnerLoopConfig:
             support, its cross-entropy leaves the alphas little to learn from; shifted copies
             act as images the weights were not fitted to. The shifts of step ``r`` are
             ``numpy.random.default_rng([shuffle_seed, 1, r]).integers(-s, s + 1, (n_support, 2))``
-            (rows: dy, dx), the same in every engine. ``benchmarks/alpha_headroom.py``
-            measured this setting on the bundled model.
+            (rows: dy, dx), the same in every engine. ``benchmarks/alpha_refine.py``
+            measures it on a checkpoint (``benchmarks/alpha_headroom.py``: why it may help).
     """
 
     steps: int = 5
